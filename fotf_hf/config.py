@@ -1,0 +1,467 @@
+"""Typed experiment configuration: dataclasses, loaded from YAML, overridable from the command line.
+
+One experiment = one `ExperimentConfig`:
+
+```yaml
+base: ../base/camvid.yaml        # optional, one level of inheritance (path relative to this file)
+student: {arch: deeplabv3, backbone: resnet18}
+teacher: {arch: deeplabv3, backbone: resnet101, pretrained: outputs/teacher}
+data: {name: camvid, root: ../shared/datasets/camvid, crop_size: [360, 360]}
+method: {name: kd}
+fotf: {enabled: true, kappa: 10, m: 10}
+optim: {lr: 0.02, max_steps: 40000, batch_size: 16}
+run: {output_dir: outputs/kd_fotf, mixed_precision: bf16}
+```
+
+Command-line overrides use dotted keys, either `--fotf.kappa 5` or `--set fotf.kappa=5`
+(values are parsed as YAML, so `--data.crop_size [64,64]` works). Everything is validated before
+any work starts: unknown keys list the valid ones with a close-match suggestion, values are
+range-checked and typed (YAML reads `1e-4` as a string; it is coerced to float here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+ARCHS = ("deeplabv3", "pspnet", "segformer")
+METHODS = ("ce", "kd", "cirkd", "afdcd", "skd", "ifvd", "cwd")
+DATASETS = ("synthetic-streets", "camvid", "cityscapes", "voc", "hub")
+NORMALIZATIONS = ("imagenet", "cirkd_bgr")
+WEIGHTINGS = ("power", "exp")
+MERGES = ("none", "pixel", "channel", "sample")
+APPLY_TO = ("kd", "ce", "both")
+MC_MODES = ("head", "naive")
+UNCERTAINTY_SOURCES = ("student", "teacher")
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("no", "fp16", "bf16")
+BAD_SAMPLE_POLICIES = ("raise", "skip")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and the valid choices."""
+
+
+@dataclass
+class ModelConfig:
+    """A student or teacher network.
+
+    Args:
+        arch: one of `ARCHS`.
+        backbone: resnet18 | resnet50 | resnet101 (deeplabv3, pspnet) or mit-b0 .. mit-b5 (segformer).
+        pretrained: local folder or Hub id for `from_pretrained` (None = random init).
+        mc_dropout_p: dropout probability at the MC site (the head dropout before the classifier).
+        overrides: extra model-config fields, e.g. `{backbone_base_width: 16}` for a narrow net.
+    """
+
+    arch: str = "deeplabv3"
+    backbone: str = "resnet18"
+    pretrained: Optional[str] = None
+    mc_dropout_p: float = 0.1
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Dataset, splits and transforms (see `fotf_hf.data.build_dataset`).
+
+    Args:
+        name: one of `DATASETS`.
+        root: dataset folder (camvid, cityscapes, voc) or None.
+        options: builder-specific options (e.g. `{path: ..., image_column: ..., n_train: 200}`).
+        crop_size: `[h, w]` training crop in pixels.
+        scale_range: `[min, max]` random scale factor for training.
+        eval_size: `[h, w]` to resize validation images to, or None for full resolution.
+        normalization: one of `NORMALIZATIONS` (`cirkd_bgr` for weights converted from CIRKD).
+        num_workers: DataLoader workers per process.
+        on_bad_sample: what a corrupt/invalid training sample does: raise or skip with a warning.
+        max_eval_samples: evaluate on the first N validation samples only (None = all).
+    """
+
+    name: str = "synthetic-streets"
+    root: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    crop_size: List[int] = field(default_factory=lambda: [96, 128])
+    scale_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    eval_size: Optional[List[int]] = None
+    normalization: str = "imagenet"
+    num_workers: int = 0
+    on_bad_sample: str = "raise"
+    max_eval_samples: Optional[int] = None
+
+
+@dataclass
+class MethodConfig:
+    """The distillation method: which loss terms the criterion is built from.
+
+    Args:
+        name: one of `METHODS`. `ce` = plain supervised training (no teacher).
+        kd_weight: weight of the pixel KD term (methods other than ce); CIRKD's `--lambda-kd`.
+        kd_temperature: KD temperature (1 in CIRKD and FOTF).
+        aux_weight: weight of the auxiliary-head CE (0.4).
+        options: keyword arguments of the method's own loss modules, e.g. `{pixel_weight: 0.01}`.
+    """
+
+    name: str = "ce"
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    aux_weight: float = 0.4
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FotfConfig:
+    """Focus on the Fog: student MC-dropout uncertainty weights (paper eq. 6-8).
+
+    Args:
+        enabled: add FOTF weights to the method's KD and/or CE terms.
+        num_samples: T stochastic passes (>= 2).
+        p: dropout probability of the MC passes (None = the model's own `mc_dropout_p`).
+        m, kappa: weighting `(1 + m*sigma)^kappa` or `exp(kappa*m*sigma)`.
+        weighting: one of `WEIGHTINGS`.
+        merge_kd, merge_ce: one of `MERGES` (named after what remains; see `uncertainty_weights`).
+        apply_to: one of `APPLY_TO`.
+        mode: `head` (resample only the head on cached features) or `naive` (T full forwards).
+        source: `student` (FOTF) or `teacher` (paper Fig. 1b, Table 6 comparison).
+    """
+
+    enabled: bool = False
+    num_samples: int = 5
+    p: Optional[float] = None
+    m: float = 1.0
+    kappa: float = 1.0
+    weighting: str = "power"
+    merge_kd: str = "channel"
+    merge_ce: str = "pixel"
+    apply_to: str = "both"
+    mode: str = "head"
+    source: str = "student"
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and iteration-based poly schedule `lr * (1 - step/max_steps)^power`.
+
+    `batch_size` is per process; the global batch is `batch_size * processes * grad_accum_steps`.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    max_steps: int = 40000
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    poly_power: float = 0.9
+    max_grad_norm: Optional[float] = None
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go, precision, logging, evaluation and checkpoint cadence."""
+
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    mixed_precision: str = "no"
+    eval_every: int = 800
+    save_every: int = 800
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    num_panels: int = 2
+    eval_batch_size: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class HubConfig:
+    """Upload of the final folder (`fotf_hf.hub.push_to_hub`)."""
+
+    push_to_hub: bool = False
+    repo_id: Optional[str] = None
+    private: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: Optional[ModelConfig] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    fotf: FotfConfig = field(default_factory=FotfConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.method.name != "ce" or (self.fotf.enabled and self.fotf.source == "teacher")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml_with_base(path: str | Path) -> Dict[str, Any]:
+    """Read a YAML config; a top-level `base:` names one parent file (relative to this one).
+
+    Only one level is allowed so that a reader sees every value in at most two files.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base).resolve()
+    parent = _read_yaml(base_path)
+    if "base" in parent:
+        raise ConfigError(
+            f"{str(base_path)!r} (the base of {str(path)!r}) has its own `base:`; only one level of inheritance is allowed"
+        )
+    return _deep_merge(parent, data)
+
+
+def _suggest(name: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_types(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp, where: str):
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} may not be null")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if origin in (list, List):
+            (item_tp,) = typing.get_args(tp)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin in (dict, Dict):
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} = {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _build(cls, data: Any, where: str):
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{_suggest(key, valid)}; valid keys"
+                f"{' of ' + where if where else ''}: {', '.join(valid)}"
+            )
+        kwargs[key] = _coerce(value, types_[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def parse_overrides(args: List[str]) -> Dict[str, Any]:
+    """Turn `--a.b value`, `--a.b=value` and `--set a.b=value` into a nested dict.
+
+    Values are parsed as YAML scalars/lists (`5` -> int, `[64,64]` -> list, `null` -> None).
+    """
+    nested: Dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--set":
+            if i + 1 >= len(args) or "=" not in args[i + 1]:
+                raise ConfigError("--set needs KEY=VALUE, e.g. --set fotf.kappa=5")
+            key, raw = args[i + 1].split("=", 1)
+            i += 2
+        elif arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, raw = body.split("=", 1)
+                i += 1
+            else:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"override {arg} has no value; write {arg} VALUE or {arg}=VALUE")
+                key, raw = body, args[i + 1]
+                i += 2
+        else:
+            raise ConfigError(f"cannot parse command-line argument {arg!r}; overrides look like --fotf.kappa 5")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str] | Dict[str, Any]] = None) -> ExperimentConfig:
+    """Build and validate an `ExperimentConfig` from a YAML file plus command-line overrides."""
+    data = load_yaml_with_base(path) if path is not None else {}
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        data = _deep_merge(data, overrides)
+    # A teacher section given only partially still builds a full ModelConfig.
+    cfg = _build(ExperimentConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _choice(value: str, valid: typing.Sequence[str], where: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{where} = {value!r} is not valid{_suggest(value, valid)}; choose one of: {', '.join(valid)}")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range- and choice-check every field; raise `ConfigError` naming the first bad one."""
+    models = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.teacher is not None else [])
+    for name, model in models:
+        _choice(model.arch, ARCHS, f"{name}.arch")
+        _check(0.0 <= model.mc_dropout_p < 1.0, f"{name}.mc_dropout_p = {model.mc_dropout_p} must be in [0, 1)")
+    d = cfg.data
+    _choice(d.name, DATASETS, "data.name")
+    _choice(d.normalization, NORMALIZATIONS, "data.normalization")
+    _choice(d.on_bad_sample, BAD_SAMPLE_POLICIES, "data.on_bad_sample")
+    _check(len(d.crop_size) == 2 and all(s >= 8 for s in d.crop_size), f"data.crop_size = {d.crop_size} must be [h, w], each >= 8")
+    _check(
+        len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
+        f"data.scale_range = {d.scale_range} must be [min, max] with 0 < min <= max",
+    )
+    _check(d.eval_size is None or (len(d.eval_size) == 2 and min(d.eval_size) >= 8), f"data.eval_size = {d.eval_size} must be null or [h, w]")
+    _check(d.num_workers >= 0, f"data.num_workers = {d.num_workers} must be >= 0")
+    _check(d.max_eval_samples is None or d.max_eval_samples >= 1, "data.max_eval_samples must be null or >= 1")
+    mth = cfg.method
+    _choice(mth.name, METHODS, "method.name")
+    _check(mth.kd_weight >= 0 and mth.aux_weight >= 0, "method.kd_weight and method.aux_weight must be >= 0")
+    _check(mth.kd_temperature > 0, f"method.kd_temperature = {mth.kd_temperature} must be > 0")
+    f = cfg.fotf
+    if f.enabled:
+        _check(f.num_samples >= 2, f"fotf.num_samples = {f.num_samples} must be >= 2 (the standard deviation needs two samples)")
+        _check(f.p is None or 0.0 < f.p < 1.0, f"fotf.p = {f.p} must be in (0, 1)")
+        _check(f.m > 0, f"fotf.m = {f.m} must be > 0")
+        _check(f.kappa > 0, f"fotf.kappa = {f.kappa} must be > 0")
+        _choice(f.weighting, WEIGHTINGS, "fotf.weighting")
+        _choice(f.merge_kd, MERGES, "fotf.merge_kd")
+        _choice(f.merge_ce, MERGES, "fotf.merge_ce")
+        _choice(f.apply_to, APPLY_TO, "fotf.apply_to")
+        _choice(f.mode, MC_MODES, "fotf.mode")
+        _choice(f.source, UNCERTAINTY_SOURCES, "fotf.source")
+        if mth.name == "ce" and f.apply_to == "kd":
+            raise ConfigError("fotf.apply_to = 'kd' with method.name = 'ce' weights nothing: use apply_to 'ce' (paper Table 2)")
+        p = f.p if f.p is not None else cfg.student.mc_dropout_p
+        _check(p > 0, "FOTF needs dropout: set student.mc_dropout_p (or fotf.p) > 0; the model has no active dropout site")
+    o = cfg.optim
+    _choice(o.optimizer, OPTIMIZERS, "optim.optimizer")
+    _check(o.lr > 0, f"optim.lr = {o.lr} must be > 0")
+    _check(o.max_steps >= 1, f"optim.max_steps = {o.max_steps} must be >= 1")
+    _check(o.batch_size >= 1, f"optim.batch_size = {o.batch_size} must be >= 1")
+    _check(o.grad_accum_steps >= 1, f"optim.grad_accum_steps = {o.grad_accum_steps} must be >= 1")
+    _check(o.weight_decay >= 0 and 0 <= o.momentum < 1, "optim.weight_decay must be >= 0 and optim.momentum in [0, 1)")
+    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be null or > 0")
+    r = cfg.run
+    _choice(r.mixed_precision, PRECISIONS, "run.mixed_precision")
+    for key in ("eval_every", "save_every", "log_every"):
+        _check(getattr(r, key) >= 1, f"run.{key} = {getattr(r, key)} must be >= 1")
+    _check(r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+    _check(r.eval_batch_size >= 1, "run.eval_batch_size must be >= 1")
+    if cfg.needs_teacher:
+        if cfg.teacher is None:
+            raise ConfigError(
+                f"method.name = {mth.name!r} needs a teacher: add a `teacher:` section with arch, backbone and pretrained"
+            )
+        if not cfg.teacher.pretrained:
+            raise ConfigError(
+                "teacher.pretrained is empty: a distillation teacher must be trained weights (a folder written by "
+                "scripts/distill.py or scripts/convert_cirkd_checkpoint.py, or a Hub id)"
+            )
+    if cfg.hub.push_to_hub and not cfg.hub.repo_id:
+        raise ConfigError("hub.push_to_hub is true but hub.repo_id is empty: set --hub.repo_id USER/NAME")
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: a partial file never replaces a good one)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    tmp.replace(path)
