@@ -78,6 +78,8 @@ class DataConfig:
         options: builder-specific options (e.g. `{path: ..., image_column: ..., n_train: 200}`).
         crop_size: `[h, w]` training crop in pixels.
         scale_range: `[min, max]` random scale factor for training.
+        train_size: `[h, w]` to resize training images to before the random scale/crop (None = as
+            stored); CPU-scale protocols use it to train at reduced resolution.
         eval_size: `[h, w]` to resize validation images to, or None for full resolution.
         normalization: one of `NORMALIZATIONS` (`cirkd_bgr` for weights converted from CIRKD).
         num_workers: DataLoader workers per process.
@@ -92,6 +94,7 @@ class DataConfig:
     eval_split: str = "validation"
     crop_size: List[int] = field(default_factory=lambda: [96, 128])
     scale_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
+    train_size: Optional[List[int]] = None
     eval_size: Optional[List[int]] = None
     normalization: str = "imagenet"
     num_workers: int = 0
@@ -407,6 +410,7 @@ def validate(cfg: ExperimentConfig) -> None:
         len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
         f"data.scale_range = {d.scale_range} must be [min, max] with 0 < min <= max",
     )
+    _check(d.train_size is None or (len(d.train_size) == 2 and min(d.train_size) >= 8), f"data.train_size = {d.train_size} must be null or [h, w]")
     _check(d.eval_size is None or (len(d.eval_size) == 2 and min(d.eval_size) >= 8), f"data.eval_size = {d.eval_size} must be null or [h, w]")
     _check(d.num_workers >= 0, f"data.num_workers = {d.num_workers} must be >= 0")
     _check(d.max_eval_samples is None or d.max_eval_samples >= 1, "data.max_eval_samples must be null or >= 1")
