@@ -35,8 +35,7 @@ def main(argv=None) -> int:
     import fotf_hf  # noqa: F401  (registers our models with the Auto classes)
     from fotf_hf.config import load_config
     from fotf_hf.data import SegmentationTransform, build_dataset, create_dataloader
-    from fotf_hf.evaluation import evaluate_model
-    from fotf_hf.models import SegmentationStudent
+    from fotf_hf.evaluation import evaluate_model, load_student
     from fotf_hf.training import train
 
     out = Path(args.output_dir)
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
     )
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(out / "kd_fotf")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.run.mixed_precision == "bf16"):
-        again = evaluate_model(SegmentationStudent(reloaded), loader, num_classes=info.num_labels)
+        again = evaluate_model(load_student(reloaded), loader, num_classes=info.num_labels)
     trained = rows[-1][1]
     print(f"\nreloaded {out / 'kd_fotf'} with AutoModelForSemanticSegmentation.from_pretrained: "
           f"{type(reloaded).__name__}, mIoU {again['mean_iou']:.4f} (after training: {trained['mean_iou']:.4f})")

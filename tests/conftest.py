@@ -32,3 +32,29 @@ def camvid_root():
     if not (CAMVID_ROOT / "val.txt").is_file():
         pytest.skip(f"real CamVid not found at {CAMVID_ROOT} (set FOTF_CAMVID_ROOT to its folder)")
     return CAMVID_ROOT
+
+
+@pytest.fixture
+def run_two_processes():
+    """Run `python -m torch.distributed.run --nproc_per_node 2 SCRIPT ARGS...` on the CPU (gloo).
+
+    Fresh interpreters rather than `accelerate.debug_launcher`'s forked children: a fork of a
+    pytest process whose OpenMP thread pool is already running can deadlock in the child.
+    Returns the `CompletedProcess`; asserts a zero exit status and shows the end of stderr otherwise.
+    """
+    import socket
+    import subprocess
+    import sys
+
+    def run(script, *args, timeout=600):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), *map(str, args)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    return run

@@ -287,8 +287,6 @@ def _two_process_metrics_worker():
     from accelerate import Accelerator
 
     torch.set_num_threads(1)
-    # debug_launcher forks: drop a single-process state inherited from an earlier test.
-    _reset_accelerate_state()
     acc = Accelerator(cpu=True)
     gen = torch.Generator().manual_seed(11)
     batches = [_random_batch(c=4, h=12, w=12, gen=gen) for _ in range(5)]
@@ -302,13 +300,13 @@ def _two_process_metrics_worker():
     for name in ACCUMULATORS:
         torch.testing.assert_close(m.state_tensors()[name], ref.state_tensors()[name], rtol=1e-12, atol=0)
     assert acc.num_processes == 2
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_process_reduce_equals_one_process():
-    from accelerate import debug_launcher
-
-    debug_launcher(_two_process_metrics_worker, num_processes=2)
+def test_two_process_reduce_equals_one_process(run_two_processes):
+    run_two_processes(__file__)
 
 
 # --------------------------------------------------------------------------- errors
@@ -392,3 +390,7 @@ def test_evaluate_module_hand_example(tmp_path, monkeypatch):
     assert out["per_class_iou"] == pytest.approx([0.8, 0.8])
     assert out["ece"] == pytest.approx(0.3 / 9)
     assert out["num_pixels"] == 9
+
+
+if __name__ == "__main__":  # each rank of test_two_process_reduce_equals_one_process (started by torchrun)
+    _two_process_metrics_worker()

@@ -145,9 +145,7 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path, teacher_dir):
 @pytest.mark.slow
 def test_two_process_run_matches_one_process_evaluation(tmp_path, teacher_dir):
     from fotf_hf.data import SegmentationTransform, build_dataset, create_dataloader
-    from fotf_hf.evaluation import evaluate_model
-    from fotf_hf.models import SegmentationStudent
-    from transformers import AutoModelForSemanticSegmentation
+    from fotf_hf.evaluation import evaluate_model, load_student
 
     cfg_path = tiny_config(
         tmp_path, "ddp",
@@ -170,7 +168,7 @@ def test_two_process_run_matches_one_process_evaluation(tmp_path, teacher_dir):
         datasets["validation"].with_transform(SegmentationTransform(train=False, normalization="imagenet", num_labels=info.num_labels)),
         batch_size=2, train=False,
     )
-    student = SegmentationStudent(AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "ddp"))
+    student = load_student(tmp_path / "ddp")  # AutoModelForSemanticSegmentation.from_pretrained + a weight copy
     one_proc = evaluate_model(student, loader, num_classes=info.num_labels)
     # Every validation pixel counted exactly once across the two processes (no padded duplicates,
     # none dropped), and the same scores: both ranks evaluate rank 0's BatchNorm statistics. Only

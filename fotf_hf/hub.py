@@ -1,0 +1,406 @@
+"""Release side: the model card (`README.md` with a `model-index`) and the upload of an output folder.
+
+The card is rendered by `huggingface_hub.ModelCard.from_template` from the Jinja template
+`fotf_hf/templates/fotf_student.md`. That copy is package data, so it is found from a source
+checkout and from an installed package alike; `model_cards/fotf_student.md` at the repository root is
+the user-facing copy of the same file (a test keeps the two identical). Pass `template_path=` to
+render your own template with the same variables.
+
+The card's metadata carries `model-index` results for `mean_iou`, `ece` (`metric_config`
+"<bins>-bins") and pixel accuracy, task `image-segmentation`, with the dataset name, type and split.
+Licence: `other` (with NVIDIA's licence link and a note) when the teacher or the initialisation is an
+`nvidia/` SegFormer / MiT checkpoint, or a local folder whose own card says `license: other`;
+`apache-2.0` otherwise.
+
+`push_to_hub` uploads a finished folder (`create_repo(exist_ok=True)` + `upload_folder`, never
+`ModelCard.push_to_hub`, which validates online). It never modifies the folder; any failure
+(offline mode, network, authentication) becomes a `HubUploadError` that says how to retry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+__all__ = [
+    "DEFAULT_IGNORE_PATTERNS",
+    "HubUploadError",
+    "NVIDIA_LICENSE_LINK",
+    "build_model_card",
+    "card_license",
+    "default_template_path",
+    "push_to_hub",
+    "write_model_card",
+]
+
+DEFAULT_IGNORE_PATTERNS = ("checkpoints/*", ".tmp*", "logs/*")
+NVIDIA_LICENSE_LINK = "https://github.com/NVlabs/SegFormer/blob/master/LICENSE"
+NVIDIA_LICENSE_NAME = "nvidia-segformer"
+
+# FOTF options shown on the card, in this order, with their labels.
+_FOTF_ROWS = (
+    ("num_samples", "T (MC samples)"),
+    ("p", "dropout p"),
+    ("m", "m"),
+    ("kappa", "kappa"),
+    ("weighting", "weighting"),
+    ("merge_kd", "merge (KD)"),
+    ("merge_ce", "merge (CE)"),
+    ("apply_to", "applied to"),
+    ("mode", "sampling mode"),
+    ("source", "uncertainty source"),
+)
+
+
+class HubUploadError(RuntimeError):
+    """The upload failed; the local folder is untouched and the message says how to retry."""
+
+
+def default_template_path() -> Path:
+    """The packaged card template, `fotf_hf/templates/fotf_student.md`."""
+    return Path(__file__).resolve().parent / "templates" / "fotf_student.md"
+
+
+# --------------------------------------------------------------------------- licence
+
+
+def _is_hub_id(name: Optional[str]) -> bool:
+    """True for `owner/name` strings that are not local paths (what the Hub metadata may reference)."""
+    if not name:
+        return False
+    name = str(name)
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _is_nvidia_segformer(name: Optional[str]) -> bool:
+    lowered = str(name or "").lower()
+    return lowered.startswith("nvidia/") and ("segformer" in lowered or "mit-b" in lowered)
+
+
+def _local_card_license(name: Optional[str]) -> Optional[Dict[str, Optional[str]]]:
+    """The licence fields of a local model folder's own card (a teacher trained here), if it has one."""
+    if not name or not (Path(name) / "README.md").is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(Path(name) / "README.md").data
+    except Exception:  # an unparsable card says nothing about the licence
+        return None
+    return {"license": data.license, "license_name": getattr(data, "license_name", None),
+            "license_link": getattr(data, "license_link", None)}
+
+
+def card_license(teacher: Optional[str] = None, base_model: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """Licence metadata and a note for a student distilled from `teacher`, initialised from `base_model`.
+
+    Returns:
+        `{"license", "license_name", "license_link", "text"}`: `other` + NVIDIA's licence when either
+        is an `nvidia/` SegFormer/MiT checkpoint (those Hub cards are `license: other` since
+        2022-08), or a local folder whose card is `other` (the restriction is inherited);
+        `apache-2.0` otherwise. `text` is the card's licence paragraph.
+    """
+    for role, name in (("teacher", teacher), ("initialisation", base_model)):
+        if _is_nvidia_segformer(name):
+            return {
+                "license": "other",
+                "license_name": NVIDIA_LICENSE_NAME,
+                "license_link": NVIDIA_LICENSE_LINK,
+                "text": (
+                    f"`license: other`. The {role} `{name}` is an NVIDIA SegFormer checkpoint, distributed "
+                    f"under NVIDIA's own licence ({NVIDIA_LICENSE_LINK}), not an open-source one. This model "
+                    "was derived from it, so check those terms (they restrict use, e.g. to non-commercial "
+                    "research) before using or redistributing it. This note is not legal advice."
+                ),
+            }
+        inherited = _local_card_license(name)
+        if inherited and inherited["license"] == "other":
+            link = inherited.get("license_link")
+            return {
+                "license": "other",
+                "license_name": inherited.get("license_name") or NVIDIA_LICENSE_NAME,
+                "license_link": link,
+                "text": (
+                    f"`license: other`, inherited from the {role} `{name}`, whose card is `license: other`"
+                    + (f" ({link})" if link else "")
+                    + ". Check those terms before using or redistributing this model. "
+                    "This note is not legal advice."
+                ),
+            }
+    return {
+        "license": "apache-2.0",
+        "license_name": None,
+        "license_link": None,
+        "text": "Apache-2.0 (the code and, unless a teacher or initialisation says otherwise, "
+                "these weights).",
+    }
+
+
+# --------------------------------------------------------------------------- card
+
+
+def _pct(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    value = float(value)
+    return "n/a" if value != value else f"{100 * value:.2f}"
+
+
+def _fotf_rows(fotf: Any) -> Optional[List[Dict[str, str]]]:
+    if fotf is None:
+        return None
+    get = fotf.get if isinstance(fotf, Mapping) else (lambda k, d=None: getattr(fotf, k, d))
+    if get("enabled", True) is False:
+        return None
+    rows = []
+    for key, label in _FOTF_ROWS:
+        value = get(key, None)
+        if key == "p" and value is None:
+            value = "the model's own dropout"
+        if value is not None:
+            rows.append({"name": label, "value": str(value)})
+    return rows
+
+
+def _id2label_from_folder(folder: Optional[Path]) -> Optional[Dict[int, str]]:
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        return {int(k): str(v) for k, v in config["id2label"].items()}
+    except (TypeError, OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def _describe_evaluation(evaluation: Optional[Mapping[str, Any]]) -> str:
+    evaluation = dict(evaluation or {})
+    scales = evaluation.get("scales") or [1.0]
+    parts = ["whole image"]
+    if list(scales) == [1.0]:
+        parts.append("single scale")
+    else:
+        parts.append("scales " + ", ".join(f"{float(s):g}" for s in scales))
+    if evaluation.get("flip"):
+        parts.append("+ horizontal flip")
+    if evaluation.get("mc_samples"):
+        parts.append(f"MC-dropout predictive mean of {evaluation['mc_samples']} samples")
+    parts.append("logits upsampled bilinearly (align_corners=True) to the label size")
+    return ", ".join(parts)
+
+
+def build_model_card(
+    metrics: Mapping[str, Any],
+    dataset_name: str,
+    split: str,
+    method: Optional[str] = None,
+    teacher: Optional[str] = None,
+    fotf: Any = None,
+    steps: Optional[int] = None,
+    command: Optional[str] = None,
+    base_model: Optional[str] = None,
+    id2label: Optional[Mapping[int, str]] = None,
+    model_name: str = "fotf-student",
+    repo_id: Optional[str] = None,
+    evaluation: Optional[Mapping[str, Any]] = None,
+    template_path: Optional[Union[str, os.PathLike]] = None,
+):
+    """Render the student's `huggingface_hub.ModelCard` (nothing is written).
+
+    Args:
+        metrics: `evaluate_model` / `SegmentationMetrics.compute()` dict (fractions; shown in %).
+        dataset_name: the dataset (`build_dataset` name or Hub id), the model-index `dataset.type`.
+        split: evaluated split (model-index `dataset.split`).
+        method: e.g. `kd+fotf`; teacher / base_model: checkpoint names or folders (drive the licence).
+        fotf: FOTF settings (a dict like `asdict(FotfConfig)`, a `FOTF` module) or None.
+        steps: optimisation steps; command: the command that reproduces the run.
+        id2label: class names for the per-class table (default: class ids).
+        model_name: the model-index name and the card's title.
+        repo_id: Hub id used in the loading snippet (default: a folder path placeholder).
+        evaluation: evaluation settings (`flip`, `scales`, `mc_samples`) to describe the protocol.
+        template_path: Jinja template (default `default_template_path()`).
+
+    Returns:
+        `huggingface_hub.ModelCard`; `card.data.eval_results` holds `mean_iou`, `ece`, `accuracy`.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    bins = len(metrics["reliability"]["count"]) if "reliability" in metrics else 10
+    shared = dict(task_type="image-segmentation", task_name="Semantic Segmentation",
+                  dataset_type=dataset_name, dataset_name=dataset_name, dataset_split=split)
+    eval_results = [
+        EvalResult(metric_type="mean_iou", metric_name="mIoU", metric_value=float(metrics["mean_iou"]),
+                   **shared),
+        EvalResult(metric_type="ece", metric_name="ECE", metric_value=float(metrics["ece"]),
+                   metric_config=f"{bins}-bins", metric_args={"n_bins": bins}, **shared),
+    ]
+    if metrics.get("pixel_accuracy") is not None:
+        eval_results.append(EvalResult(metric_type="accuracy", metric_name="pixel accuracy",
+                                       metric_value=float(metrics["pixel_accuracy"]), **shared))
+    lic = card_license(teacher, base_model)
+    tags = ["image-segmentation", "semantic-segmentation", "knowledge-distillation", "fotf"]
+    if method:
+        tags.append(str(method))
+    data = ModelCardData(
+        model_name=model_name,
+        license=lic["license"],
+        license_name=lic["license_name"],
+        license_link=lic["license_link"],
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        tags=tags,
+        base_model=base_model if _is_hub_id(base_model) else None,
+        datasets=[dataset_name] if _is_hub_id(dataset_name) else None,
+        metrics=["mean_iou", "ece"],
+        eval_results=eval_results,
+    )
+    names = {int(k): str(v) for k, v in (id2label or {}).items()}
+    per_class = [{"name": names.get(i, str(i)), "iou": _pct(v)}
+                 for i, v in enumerate(metrics.get("per_class_iou", []))]
+    results = [
+        {"name": "mIoU (%)", "value": _pct(metrics["mean_iou"])},
+        {"name": f"ECE (%, {bins} bins)", "value": _pct(metrics["ece"])},
+        {"name": "pixel accuracy (%)", "value": _pct(metrics.get("pixel_accuracy"))},
+        {"name": "mean class accuracy (%)", "value": _pct(metrics.get("mean_accuracy"))},
+    ]
+    if teacher:
+        kind = f"distilled from `{teacher}` with {method}"
+    else:
+        kind = f"trained with {method}" if method else "trained"
+    return ModelCard.from_template(
+        data,
+        template_path=str(template_path or default_template_path()),
+        model_name=model_name,
+        summary=f"A semantic-segmentation student for {dataset_name} ({len(per_class)} classes), {kind}.",
+        repo_id=repo_id or f"path/to/{model_name}",
+        dataset_name=dataset_name,
+        split=split,
+        results=results,
+        per_class=per_class,
+        ece_bins=bins,
+        evaluation=_describe_evaluation(evaluation),
+        method=method or "not recorded",
+        teacher=f"`{teacher}`" if teacher else "none",
+        base_model=f"`{base_model}`" if base_model else "random initialisation",
+        steps=steps if steps is not None else "not recorded",
+        fotf=_fotf_rows(fotf),
+        command=command or "# not recorded",
+        license_text=lic["text"],
+    )
+
+
+def write_model_card(
+    out_dir: Union[str, os.PathLike],
+    metrics: Mapping[str, Any],
+    dataset_name: str,
+    split: str,
+    method: Optional[str] = None,
+    teacher: Optional[str] = None,
+    fotf: Any = None,
+    steps: Optional[int] = None,
+    command: Optional[str] = None,
+    base_model: Optional[str] = None,
+    id2label: Optional[Mapping[int, str]] = None,
+    model_name: Optional[str] = None,
+    repo_id: Optional[str] = None,
+    evaluation: Optional[Mapping[str, Any]] = None,
+    template_path: Optional[Union[str, os.PathLike]] = None,
+) -> Path:
+    """Write the card to `out_dir/README.md` atomically (temporary file + rename); returns the path.
+
+    Same arguments as `build_model_card`, with these defaults from the folder: `id2label` from
+    `out_dir/config.json`, `model_name` the folder's name, and, when no `command` is given but
+    the folder holds the run's resolved `fotf_config.yaml`, the command that re-runs it.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if id2label is None:
+        id2label = _id2label_from_folder(out)
+    if command is None and (out / "fotf_config.yaml").is_file():
+        command = "accelerate launch scripts/distill.py --config fotf_config.yaml"
+    card = build_model_card(
+        metrics, dataset_name, split, method=method, teacher=teacher, fotf=fotf, steps=steps, command=command,
+        base_model=base_model, id2label=id2label,
+        model_name=model_name or out.resolve().name or "fotf-student",
+        repo_id=repo_id, evaluation=evaluation, template_path=template_path,
+    )
+    path = out / "README.md"
+    tmp = out / ".tmp_README.md"
+    card.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- upload
+
+
+def _retry_hint(folder: Path, repo_id: str, private: bool, ignore_patterns: Sequence[str]) -> str:
+    excludes = " ".join(f"--exclude {shlex.quote(p)}" for p in ignore_patterns)
+    visibility = "--private" if private else "--no-private"
+    return (
+        f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder))} . {visibility} {excludes}"
+        " (the CLI formerly named `huggingface-cli upload`), or call fotf_hf.hub.push_to_hub again / rerun "
+        "scripts/distill.py with --push_to_hub"
+    )
+
+
+def push_to_hub(
+    folder: Union[str, os.PathLike],
+    repo_id: str,
+    private: bool = True,
+    token: Optional[str] = None,
+    api=None,
+    commit_message: str = "Upload FOTF student (fotf-hf)",
+    ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS,
+):
+    """Upload a finished output folder to a (private by default) Hub model repo.
+
+    Args:
+        folder: the run's output folder (weights, `config.json`, card `README.md`, pictures).
+        repo_id: `owner/name` (or `name` for the logged-in user).
+        private: visibility when the repo is created (an existing repo keeps its own).
+        token: Hub token; None = `HF_TOKEN` / the stored login (read by huggingface_hub; never printed).
+        api: an `HfApi`-like object (tests inject a fake); default `HfApi(token=token)`.
+        commit_message: the commit's title.
+        ignore_patterns: left out of the upload (checkpoints, temporary folders, tracker logs).
+
+    Returns:
+        what `upload_folder` returns (a `CommitInfo` for the real API).
+
+    Raises:
+        HubUploadError: anything failed (`HF_HUB_OFFLINE=1`, no network, no/invalid token, ...); the
+            message names the cause and the retry command. The folder is never modified.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"push_to_hub: {folder} is not a folder")
+    if not repo_id:
+        raise ValueError("push_to_hub needs a repo_id such as 'username/model-name'")
+    ignore_patterns = list(ignore_patterns)
+    try:
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        target = getattr(url, "repo_id", None) or repo_id
+        return api.upload_folder(
+            repo_id=target, folder_path=str(folder), commit_message=commit_message,
+            ignore_patterns=ignore_patterns,
+        )
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        for secret in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+            if secret:
+                detail = detail.replace(secret, "***")
+        from huggingface_hub import constants
+
+        hint = ""
+        if constants.HF_HUB_OFFLINE:
+            hint = (" HF_HUB_OFFLINE=1 is set: run the retry from a shell without it, on a machine with "
+                    "network access.")
+        raise HubUploadError(
+            f"upload of {folder} to the Hub repo {repo_id!r} failed ({detail}).{hint} The local folder is "
+            f"intact (nothing was changed or deleted). To retry: "
+            f"{_retry_hint(folder, repo_id, private, ignore_patterns)}."
+        ) from exc

@@ -1,0 +1,209 @@
+"""Pictures: reliability diagrams, uncertainty panels and t-SNE figures are valid PNGs of the documented size."""
+
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from fotf_hf.data import DatasetInfo
+from fotf_hf.models.outputs import SegmentationFeatures, SegmentationModelOutput
+from fotf_hf.uncertainty import FOTF
+from fotf_hf.viz import colorize, palette_for, reliability_diagram, tsne_embeddings, tsne_figure, write_uncertainty_panels
+
+
+class FakeStudent(nn.Module):
+    """`SegmentationStudent` interface: stride-s trunk -> dropout -> 1x1 classifier."""
+
+    def __init__(self, num_labels=4, width=6, stride=2, mc_dropout_p=0.1):
+        super().__init__()
+        self.trunk = nn.Conv2d(3, width, stride, stride=stride)
+        self.classifier = nn.Conv2d(width, num_labels, 1)
+        self.num_labels = num_labels
+        self.mc_dropout_p = mc_dropout_p
+        self.sample_p = []
+
+    def forward_features(self, pixel_values):
+        return SegmentationFeatures(head_input=torch.relu(self.trunk(pixel_values)))
+
+    def forward(self, pixel_values, labels=None):
+        head_input = self.forward_features(pixel_values).head_input
+        emb = F.dropout(head_input, self.mc_dropout_p or 0.0, training=self.training)
+        return SegmentationModelOutput(logits=self.classifier(emb), head_input=head_input, embedding=emb)
+
+    def sample_logits(self, head_input, num_samples, p=None, masks=None, generator=None):
+        p = self.mc_dropout_p if p is None else p
+        self.sample_p.append(p)
+        x = head_input.unsqueeze(0).expand(num_samples, *head_input.shape)
+        if masks is None:
+            masks = torch.rand(x.shape, generator=generator) >= p
+        return self.classifier((x * masks / (1 - p)).flatten(0, 1)).unflatten(0, (num_samples, head_input.shape[0]))
+
+    def sample_logits_naive(self, pixel_values, num_samples, masks=None):
+        return self.sample_logits(self.forward_features(pixel_values).head_input, num_samples, masks=masks)
+
+
+def make_eval_set(n=3, size=(16, 24), num_labels=4):
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(n):
+        labels = torch.randint(0, num_labels, size, generator=g)
+        labels[:2] = 255
+        items.append({"pixel_values": torch.randn(3, *size, generator=g), "labels": labels})
+    return items
+
+
+INFO = DatasetInfo(name="toy", num_labels=4, id2label={0: "sky", 1: "road", 2: "car", 3: "person"},
+                   palette=[(10, 20, 30), (40, 50, 60), (70, 80, 90), (100, 110, 120)], ignore_color=(255, 0, 255))
+
+
+def png_size(path):
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG"
+        return im.size
+
+
+# ------------------------------------------------------------------ palettes
+
+
+def test_palette_and_colorize():
+    assert palette_for(4, INFO).tolist() == [[10, 20, 30], [40, 50, 60], [70, 80, 90], [100, 110, 120]]
+    generated = palette_for(21)
+    assert generated.shape == (21, 3) and generated.dtype == np.uint8 and len({tuple(c) for c in generated}) == 21
+    rgb = colorize(np.array([[0, 3, 255]]), INFO.palette, ignore_color=INFO.ignore_color)
+    assert rgb.tolist() == [[[10, 20, 30], [100, 110, 120], [255, 0, 255]]]
+    assert np.array_equal(rgb, INFO.colorize(np.array([[0, 3, 255]])))
+
+
+# ------------------------------------------------------------------ reliability diagram
+
+
+def test_reliability_diagram_is_a_png_of_the_documented_size_and_skips_empty_bins(tmp_path):
+    nan = float("nan")
+    acc = [nan, nan, 0.2, 0.35, nan, 0.5, 0.66, 0.7, 0.85, 0.97]
+    conf = [nan, nan, 0.25, 0.34, nan, 0.55, 0.65, 0.75, 0.85, 0.98]
+    count = [0, 0, 5, 10, 0, 20, 40, 80, 160, 1000]
+    path = reliability_diagram(acc, conf, count, 0.0123, tmp_path / "sub" / "reliability.png")
+    assert path == tmp_path / "sub" / "reliability.png"
+    assert png_size(path) == (500, 600)
+    assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]  # no temporary file left
+
+
+def test_reliability_diagram_rejects_mismatched_bins(tmp_path):
+    with pytest.raises(ValueError):
+        reliability_diagram([0.5, 0.6], [0.5], [1, 1], 0.1, tmp_path / "r.png")
+
+
+def test_reliability_diagram_from_real_metrics(tmp_path):
+    from fotf_hf.metrics import SegmentationMetrics
+
+    metrics = SegmentationMetrics(5)
+    metrics.update(torch.randn(2, 5, 8, 8) * 3, torch.randint(0, 5, (2, 8, 8)))
+    result = metrics.compute()
+    rel = result["reliability"]
+    path = reliability_diagram(rel["accuracy"], rel["confidence"], rel["count"], result["ece"], tmp_path / "r.png", dpi=50)
+    assert png_size(path) == (250, 300)
+
+
+# ------------------------------------------------------------------ uncertainty panels
+
+
+def expected_panel_size(h, w, panel_width=2.6, dpi=100):
+    return round(5 * panel_width * dpi), round((panel_width * h / w + 0.8) * dpi)
+
+
+def test_panels_one_png_per_image_with_the_step_in_the_name(tmp_path):
+    student = FakeStudent()
+    student.train()
+    fotf = FOTF(num_samples=3, p=0.2, m=3.0, kappa=5.0)
+    paths = write_uncertainty_panels(student, make_eval_set(3), INFO, tmp_path / "panels", step=40, num_images=2,
+                                     fotf=fotf, num_samples=3)
+    assert [p.name for p in paths] == ["step_0000040_00.png", "step_0000040_01.png"]
+    assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == [p.name for p in paths]
+    for path in paths:
+        width, height = png_size(path)
+        ew, eh = expected_panel_size(16, 24)
+        assert width == ew and abs(height - eh) <= 1
+    assert student.training  # restored
+    assert student.sample_p == [0.2, 0.2]  # FOTF's p drives the MC passes
+
+
+def test_panels_without_fotf_and_without_model_dropout(tmp_path):
+    student = FakeStudent(mc_dropout_p=0.0).eval()
+    paths = write_uncertainty_panels(student, make_eval_set(1), None, tmp_path, step=0, num_images=5, num_samples=2)
+    assert len(paths) == 1 and png_size(paths[0])[0] == expected_panel_size(16, 24)[0]
+    assert student.sample_p == [0.1]  # the documented fallback p
+    assert not student.training
+
+
+def test_panel_maps_follow_the_fotf_formula(tmp_path, monkeypatch):
+    """The weight map drawn is (1 + m * mean_c sigma)^kappa of the sigma drawn (merge pixel)."""
+    import matplotlib.axes
+
+    shown = []
+    real_imshow = matplotlib.axes.Axes.imshow
+
+    def spy(self, array, *args, **kwargs):
+        shown.append(np.asarray(array))
+        return real_imshow(self, array, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    student = FakeStudent(stride=1).eval()  # logit resolution = image resolution: no resize in the maps
+    write_uncertainty_panels(student, make_eval_set(1), INFO, tmp_path, fotf={"m": 3.0, "kappa": 2.0}, num_samples=4)
+    image, truth, pred, sigma, weight = shown
+    assert image.shape == (16, 24, 3) and truth.shape == (16, 24, 3)
+    assert (truth[:2] == [255, 0, 255]).all()  # ignored rows in the ignore colour
+    assert sigma.min() >= 0 and sigma.max() > 0
+    np.testing.assert_allclose(weight, (1 + 3.0 * sigma) ** 2.0, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ t-SNE
+
+
+def make_loader(n=4, size=(16, 24)):
+    from fotf_hf.data import create_dataloader
+
+    return create_dataloader(make_eval_set(n, size), batch_size=2, train=False)
+
+
+def test_tsne_embeddings_sample_labelled_pixels_per_class():
+    student = FakeStudent().eval()
+    x, y = tsne_embeddings(student, make_loader(), points_per_class=10)
+    assert x.shape == (len(y), 6) and x.dtype == np.float32
+    assert set(y.tolist()) <= {0, 1, 2, 3} and np.bincount(y).max() <= 10
+    again_x, again_y = tsne_embeddings(student, make_loader(), points_per_class=10)
+    assert np.array_equal(x, again_x) and np.array_equal(y, again_y)  # seeded
+
+
+def test_tsne_figure_two_students_side_by_side(tmp_path):
+    torch.manual_seed(1)
+    students = {"CIRKD": FakeStudent().eval(), "CIRKD+FOTF": FakeStudent().eval()}
+    path = tsne_figure(students, make_loader(), tmp_path / "tsne.png", id2label=INFO.id2label, palette=INFO.palette,
+                       points_per_class=15)
+    assert png_size(path) == (900, 500)
+
+
+# ------------------------------------------------------------------ the real models
+
+
+def test_real_student_panels_and_tsne(tmp_path):
+    models = pytest.importorskip("fotf_hf.models")
+    if not hasattr(models, "create_model"):
+        pytest.skip("fotf_hf.models.create_model is not written yet")
+    torch.manual_seed(0)
+    student = models.SegmentationStudent(
+        models.create_model("deeplabv3", "resnet18", num_labels=4, backbone_base_width=8, head_channels=16))
+    student.train()
+    eval_set = make_eval_set(2, size=(32, 48))
+    paths = write_uncertainty_panels(student, eval_set, INFO, tmp_path / "panels", step=3, num_images=2,
+                                     fotf=FOTF(num_samples=2, kappa=3.0), num_samples=2)
+    assert len(paths) == 2 and png_size(paths[0])[0] == expected_panel_size(32, 48)[0]
+    assert student.training
+    from fotf_hf.data import create_dataloader
+
+    loader = create_dataloader(eval_set, batch_size=2, train=False)
+    path = tsne_figure([("a", student), ("b", student)], loader, tmp_path / "tsne.png", points_per_class=10)
+    assert png_size(path) == (900, 500)
