@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=1, help="per process (> 1 needs equal image sizes)")
     parser.add_argument("--normalization", choices=["imagenet", "cirkd_bgr"],
                         help="default: the model config's image_normalization, else imagenet")
+    parser.add_argument("--eval_size", type=int, nargs=2, metavar=("H", "W"),
+                        help="resize images (and, nearest, labels) to H x W; default: native resolution")
     parser.add_argument("--output_dir", help="default: the model folder")
     parser.add_argument("--dataset_option", nargs="*", default=[], metavar="KEY=VALUE",
                         help="builder options, e.g. num_val=16 image_size=[96,128]")
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     run_evaluation(
         args.model, args.dataset, root=args.root, split=args.split, flip=args.flip, scales=args.scales,
         mc_samples=args.mc_samples, batch_size=args.batch_size, normalization=args.normalization,
-        output_dir=args.output_dir, dataset_options=parse_key_values(args.dataset_option),
+        output_dir=args.output_dir, eval_size=args.eval_size, dataset_options=parse_key_values(args.dataset_option),
         accelerator=Accelerator(),
     )
     return 0

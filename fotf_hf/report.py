@@ -1,0 +1,149 @@
+"""Tables of finished runs: mean +- std over seeds of mIoU and ECE, per-class IoU, wall time.
+
+A run is an output folder of `scripts/distill.py` (`metrics.json` + `fotf_config.yaml`). Its
+reported metrics are those of `scripts/evaluate.py` (`metrics.json["evaluation"]`) when present,
+else the training loop's final evaluation. Runs are grouped by a label (the method and its FOTF
+setting); every run found is listed, none is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import yaml
+
+__all__ = ["RunRecord", "load_run", "run_label", "summarize", "markdown_tables"]
+
+
+@dataclass
+class RunRecord:
+    """One finished run.
+
+    Args:
+        folder: the run's output folder.
+        label: group name, e.g. `kd + FOTF (kappa 5, m 1)`.
+        seed: `run.seed`.
+        mean_iou, ece, pixel_accuracy: fractions in [0, 1].
+        per_class_iou: one IoU per class (NaN where the class is absent from truth and prediction).
+        wall_time_s: training wall time in seconds (evaluation and saving included).
+        steps: optimiser steps.
+        source: `evaluate.py` or `training loop`: where the metrics come from.
+    """
+
+    folder: Path
+    label: str
+    seed: int
+    mean_iou: float
+    ece: float
+    pixel_accuracy: float
+    per_class_iou: List[float]
+    wall_time_s: float
+    steps: int
+    source: str
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def run_label(config: Mapping) -> str:
+    """`<method>` or `<method> + FOTF (kappa K, m M)` from a resolved config dict."""
+    method = config["method"]["name"]
+    fotf = config.get("fotf") or {}
+    if not fotf.get("enabled"):
+        return method
+    return f"{method} + FOTF (kappa {fotf['kappa']:g}, m {fotf['m']:g})"
+
+
+def load_run(folder: str | Path) -> Optional[RunRecord]:
+    """Read a run folder; None when it has no `metrics.json` (not finished)."""
+    folder = Path(folder)
+    metrics_file = folder / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    data = json.loads(metrics_file.read_text())
+    config = yaml.safe_load((folder / "fotf_config.yaml").read_text())
+    if "evaluation" in data:
+        metrics, source = data["evaluation"]["metrics"], "evaluate.py"
+    else:
+        metrics, source = data["final"], "training loop"
+    return RunRecord(
+        folder=folder,
+        label=run_label(config),
+        seed=int(config["run"]["seed"]),
+        mean_iou=float(metrics["mean_iou"]),
+        ece=float(metrics["ece"]),
+        pixel_accuracy=float(metrics["pixel_accuracy"]),
+        per_class_iou=[float("nan") if v is None else float(v) for v in metrics["per_class_iou"]],
+        wall_time_s=float(data["wall_time_s"]),
+        steps=int(data["steps"]),
+        source=source,
+    )
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def summarize(runs: Iterable[RunRecord]) -> Dict[str, dict]:
+    """Group runs by label: `{label: {n, seeds, mean_iou: (mean, std), ece: (...), per_class_iou: [means],
+    wall_time_s: mean}}`; std is the sample standard deviation over seeds (NaN for a single run)."""
+    groups: Dict[str, List[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(run.label, []).append(run)
+    summary = {}
+    for label, group in groups.items():
+        num_classes = len(group[0].per_class_iou)
+        summary[label] = {
+            "n": len(group),
+            "seeds": sorted(r.seed for r in group),
+            "mean_iou": _mean_std([r.mean_iou for r in group]),
+            "ece": _mean_std([r.ece for r in group]),
+            "per_class_iou": [_mean_std([r.per_class_iou[c] for r in group])[0] for c in range(num_classes)],
+            "wall_time_s": statistics.fmean(r.wall_time_s for r in group),
+        }
+    return summary
+
+
+def _pct(mean: float, std: Optional[float] = None) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    if std is None:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} +- {100 * std:.2f}" if not math.isnan(std) else f"{100 * mean:.2f}"
+
+
+def markdown_tables(runs: Sequence[RunRecord], class_names: Optional[Sequence[str]] = None,
+                    order: Optional[Sequence[str]] = None) -> str:
+    """Three Markdown tables: per group (mean +- std), per-class IoU means per group, every run."""
+    summary = summarize(runs)
+    labels = [label for label in (order or []) if label in summary] + sorted(set(summary) - set(order or []))
+    lines = [
+        "| method | runs (seeds) | mIoU (%) mean +- std | ECE (%) mean +- std | wall time per run (min) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label in labels:
+        s = summary[label]
+        lines.append(
+            f"| {label} | {s['n']} ({', '.join(map(str, s['seeds']))}) | {_pct(*s['mean_iou'])} | "
+            f"{_pct(*s['ece'])} | {s['wall_time_s'] / 60:.1f} |"
+        )
+    num_classes = max(len(r.per_class_iou) for r in runs) if runs else 0
+    names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+    lines += ["", "| method | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(_pct(v) for v in summary[label]["per_class_iou"]) + " |")
+    lines += ["", "| run folder | method | seed | mIoU (%) | ECE (%) | pixel acc. (%) | steps | wall (min) | metrics from |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(runs, key=lambda r: (labels.index(r.label), r.seed)):
+        lines.append(
+            f"| {r.folder.parent.name}/{r.folder.name} "
+            f"| {r.label} | {r.seed} | {_pct(r.mean_iou)} | {_pct(r.ece)} | {_pct(r.pixel_accuracy)} | {r.steps} | "
+            f"{r.wall_time_s / 60:.1f} | {r.source} |"
+        )
+    return "\n".join(lines) + "\n"

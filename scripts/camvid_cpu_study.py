@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""The CPU-scale CamVid study behind RESULTS.md, as the sequence of commands a user would type.
+
+    python scripts/camvid_cpu_study.py [--seeds 0 1 2] [--sweep_seed 100] [--dry_run]
+
+1. Teacher: `scripts/distill.py --config scripts/configs/camvid_cpu/teacher.yaml`, then
+   `scripts/evaluate.py` on it.
+2. kappa/m sweep on one seed (--sweep_seed, not one of the table's seeds) for CE + FOTF and
+   KD + FOTF (`scripts/sweep.py`'s library call); the best final mIoU of each picks its kappa/m.
+3. For every seed: CE, CE + FOTF, KD, KD + FOTF students, each trained with `scripts/distill.py`
+   and scored with `scripts/evaluate.py`.
+4. The small artefacts (metrics.json, resolved config, model card, reliability diagram, last
+   panels, log) are copied to results/camvid_cpu/, with the commands (commands.sh) and the tables
+   (summary.md, from `fotf_hf.report`).
+
+Resumable: a finished run (metrics.json with an "evaluation" entry) is skipped, an interrupted one
+continues from its last checkpoint. Weights and checkpoints stay under outputs/camvid_cpu/.
+"""
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = Path("scripts/configs/camvid_cpu")
+OUT = Path("outputs/camvid_cpu")
+RESULTS = Path("results/camvid_cpu")
+CAMVID = "../shared/datasets/camvid"
+SWEEPS = {"ce_fotf": [(1, 1), (3, 1), (7, 1)], "kd_fotf": [(1, 1), (5, 1), (10, 10)]}
+EVAL = ["--dataset", "camvid", "--root", CAMVID, "--eval_size", "180", "240", "--batch_size", "4"]
+
+
+def run(cmd, log: Path, dry_run: bool) -> None:
+    """Run one command from the repo root, appending it to commands.sh and its output to `log`."""
+    line = shlex.join(cmd)
+    print(f"$ {line}", flush=True)
+    if dry_run:
+        return
+    with open(RESULTS / "commands.sh", "a") as f:
+        f.write(line + "\n")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {line}\n")
+        f.flush()
+        subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+def done(folder: Path) -> bool:
+    metrics = REPO / folder / "metrics.json"
+    return metrics.is_file() and "evaluation" in json.loads(metrics.read_text())
+
+
+def train_and_evaluate(name: str, config: str, folder: Path, overrides, dry_run: bool) -> None:
+    if done(folder):
+        print(f"[study] {folder}: done already", flush=True)
+        return
+    log = RESULTS / "logs" / f"{str(folder.relative_to(OUT)).replace('/', '_')}.log"
+    resume = ["--resume", "latest"] if (REPO / folder / "checkpoints").is_dir() else []
+    py = sys.executable if not dry_run else "python"
+    run([py, "scripts/distill.py", "--config", str(CONFIGS / config), "--run.output_dir", str(folder),
+         *overrides, *resume], log, dry_run)
+    run([py, "scripts/evaluate.py", "--model", str(folder), *EVAL], log, dry_run)
+    if not dry_run:
+        keep(folder)
+
+
+def keep(folder: Path) -> None:
+    """Copy the run's small artefacts into results/ (never weights or checkpoints)."""
+    src, dst = REPO / folder, REPO / RESULTS / folder.relative_to(OUT)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "fotf_config.yaml", "README.md", "reliability.png"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    panels = sorted((src / "panels").glob("*.png"))
+    if panels:
+        last_step = panels[-1].name.split("_")[1]
+        (dst / "panels").mkdir(exist_ok=True)
+        for panel in panels:
+            if panel.name.split("_")[1] == last_step:
+                shutil.copy2(panel, dst / "panels" / panel.name)
+
+
+def best_point(method: str) -> tuple:
+    """(kappa, m) of the sweep run with the highest final mIoU (evaluate.py's)."""
+    scores = {}
+    for kappa, m in SWEEPS[method]:
+        folder = REPO / OUT / "sweep" / f"{method}_kappa{kappa}_m{m}"
+        scores[(kappa, m)] = json.loads((folder / "metrics.json").read_text())["evaluation"]["metrics"]["mean_iou"]
+    return max(scores, key=scores.get)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sweep_seed", type=int, default=100)
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    (REPO / RESULTS).mkdir(parents=True, exist_ok=True)
+    start = time.time()
+
+    train_and_evaluate("teacher", "teacher.yaml", OUT / "teacher", [], args.dry_run)
+    chosen = {}
+    for method, points in SWEEPS.items():
+        for kappa, m in points:
+            folder = OUT / "sweep" / f"{method}_kappa{kappa}_m{m}"
+            overrides = ["--fotf.kappa", str(kappa), "--fotf.m", str(m), "--run.seed", str(args.sweep_seed)]
+            train_and_evaluate(method, f"{method}.yaml", folder, overrides, args.dry_run)
+        chosen[method] = (3, 1) if args.dry_run else best_point(method)
+        print(f"[study] {method}: kappa, m = {chosen[method]} (best of the seed-{args.sweep_seed} sweep)", flush=True)
+    for seed in args.seeds:
+        for method in ("ce", "ce_fotf", "kd", "kd_fotf"):
+            overrides = ["--run.seed", str(seed)]
+            if method in chosen:
+                overrides += ["--fotf.kappa", str(chosen[method][0]), "--fotf.m", str(chosen[method][1])]
+            train_and_evaluate(method, f"{method}.yaml", OUT / method / f"seed{seed}", overrides, args.dry_run)
+
+    if not args.dry_run:
+        from fotf_hf.data.info import CAMVID_CLASSES
+        from fotf_hf.report import load_run, markdown_tables
+
+        runs = [r for r in map(load_run, sorted((REPO / OUT).glob("*/seed*"))) if r is not None]
+        sweep = [r for r in map(load_run, sorted((REPO / OUT / "sweep").glob("*"))) if r is not None]
+        teacher = load_run(REPO / OUT / "teacher")
+        text = ["# CamVid CPU-scale study: generated by scripts/camvid_cpu_study.py", "",
+                f"kappa/m chosen on the seed-{args.sweep_seed} sweep: {json.dumps({k: list(v) for k, v in chosen.items()})}", "",
+                "## Teacher", "", markdown_tables([teacher], CAMVID_CLASSES), "## Students", "",
+                markdown_tables(runs, CAMVID_CLASSES), "## Sweep", "", markdown_tables(sweep, CAMVID_CLASSES)]
+        (REPO / RESULTS / "summary.md").write_text("\n".join(text))
+        print((REPO / RESULTS / "summary.md").read_text())
+    print(f"[study] finished in {(time.time() - start) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
