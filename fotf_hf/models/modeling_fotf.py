@@ -42,6 +42,7 @@ __all__ = [
     "FotfDeepLabV3ForSemanticSegmentation",
     "FotfPSPNetForSemanticSegmentation",
     "check_pixel_values",
+    "dropout_classifier",
     "MIN_INPUT_SIZE",
 ]
 
@@ -66,6 +67,37 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int = 3, min_si
             f"pixel_values must be a tensor of shape (B, {num_channels}, H, W) with B >= 1 and H, W >= {min_size}; "
             f"got {got}"
         )
+
+
+def dropout_classifier(
+    head_input: torch.Tensor,
+    classifier: nn.Module,
+    p: float,
+    dropout: bool,
+    mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The MC site: `classifier(dropout(head_input))`, or with a given keep-mask `x * mask / (1 - p)`.
+
+    Args:
+        head_input: `(B, D, h, w)`.
+        classifier: 1x1 conv `D -> C`.
+        p: drop probability of the site.
+        dropout: draw a random mask (ignored when `mask` is given or `p == 0`).
+        mask: optional `(B, D, h, w)` keep-mask (bool or {0, 1}).
+
+    Returns:
+        `(logits (B, C, h, w), embedding (B, D, h, w))`; the embedding is the classifier input
+        (after the dropout when it was applied), as CIRKD's `x_feat_after_aspp`.
+    """
+    if mask is not None:
+        if tuple(mask.shape) != tuple(head_input.shape):
+            raise ValueError(f"mask must have head_input's shape {tuple(head_input.shape)}, got {tuple(mask.shape)}")
+        embedding = head_input * mask.to(head_input.dtype) / (1.0 - p)
+    elif dropout and p > 0:
+        embedding = F.dropout(head_input, p, training=True)
+    else:
+        embedding = head_input
+    return classifier(embedding), embedding
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -316,14 +348,8 @@ class FotfPreTrainedModel(PreTrainedModel):
             `(logits (B, C, h, w), embedding (B, D, h, w))`; the embedding is the classifier input
             (after the dropout when it was applied), as CIRKD's `x_feat_after_aspp`.
         """
-        p = self.get_mc_dropout().p
-        if mask is not None:
-            embedding = head_input * mask.to(head_input.dtype) / (1.0 - p)
-        elif (self.training if dropout is None else dropout) and p > 0:
-            embedding = F.dropout(head_input, p, training=True)
-        else:
-            embedding = head_input
-        return self.get_classifier()(embedding), embedding
+        apply = self.training if dropout is None else dropout
+        return dropout_classifier(head_input, self.get_classifier(), self.get_mc_dropout().p, apply, mask)
 
     def forward(
         self,

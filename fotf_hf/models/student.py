@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel, SegformerForSemanticSegmentation
 
 from ..uncertainty import mc_dropout_linear
-from .modeling_fotf import FotfPreTrainedModel, check_pixel_values, segmentation_loss
+from .modeling_fotf import FotfPreTrainedModel, check_pixel_values, dropout_classifier, segmentation_loss
 from .outputs import SegmentationFeatures, SegmentationModelOutput
 from .segformer import segformer_forward_features
 
@@ -160,16 +160,8 @@ class SegmentationStudent(nn.Module):
         Returns:
             `(logits (B, C, h, w), embedding (B, D, h, w))`; embedding = the classifier input.
         """
-        p = self.mc_dropout_p
-        if mask is not None:
-            if tuple(mask.shape) != tuple(head_input.shape):
-                raise ValueError(f"mask must have head_input's shape {tuple(head_input.shape)}, got {tuple(mask.shape)}")
-            embedding = head_input * mask.to(head_input.dtype) / (1.0 - p)
-        elif (self.training if dropout is None else dropout) and p > 0:
-            embedding = F.dropout(head_input, p, training=True)
-        else:
-            embedding = head_input
-        return self.get_classifier()(embedding), embedding
+        apply = self.training if dropout is None else dropout
+        return dropout_classifier(head_input, self.get_classifier(), self.mc_dropout_p, apply, mask)
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None) -> SegmentationModelOutput:
         """One pass; the MC-site dropout is active in train mode (as CIRKD trains), off in eval mode.
