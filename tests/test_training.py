@@ -103,6 +103,19 @@ def test_every_method_trains_and_logs_its_terms(tmp_path, teacher_dir, method, f
     assert all(torch.isfinite(torch.tensor(v)) for k, v in result["final"].items() if isinstance(v, float))
 
 
+def test_resumed_run_reports_the_wall_time_of_every_session(tmp_path):
+    first = train(load_config(tiny_config(tmp_path, "ce", run={"num_panels": 0})))
+    checkpoint = tmp_path / "ce" / "checkpoints" / "step_0000004"
+    saved = [torch.load(p, weights_only=False) for p in checkpoint.glob("custom_checkpoint_*.pkl")]
+    saved_wall = next(s["wall_time_s"] for s in saved if "wall_time_s" in s)
+    assert saved_wall >= sum(first["step_times_s"])
+
+    resumed = train(load_config(tiny_config(tmp_path, "ce", optim={"max_steps": 6}, run={"num_panels": 0, "resume": "latest"})))
+    assert len(resumed["step_times_s"]) == 2  # only steps 5 and 6 ran in this session
+    assert resumed["wall_time_s"] >= saved_wall + sum(resumed["step_times_s"])
+    assert json.loads((tmp_path / "ce" / "metrics.json").read_text())["wall_time_s"] == pytest.approx(resumed["wall_time_s"])
+
+
 def _weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 

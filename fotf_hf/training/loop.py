@@ -44,6 +44,8 @@ class TrainerState:
     best_miou: float = -1.0
     best_step: int = -1
     history: List[Dict[str, Any]] = field(default_factory=list)
+    # Training wall time up to the last checkpoint, so a resumed run reports its whole cost.
+    wall_time_s: float = 0.0
 
     def state_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -385,6 +387,7 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
     running: Dict[str, float] = {}
     running_count = 0
     step_times: List[float] = []
+    wall_before = state.wall_time_s  # earlier sessions of a resumed run
     start = time.perf_counter()
     module.train()
     metrics: Dict[str, Any] = {}
@@ -444,10 +447,11 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
             if accelerator.is_main_process and cfg.run.num_panels > 0:
                 _write_panels(cfg, unwrapped(), eval_set, info, accelerator, state.step)
         if state.step % cfg.run.save_every == 0 or last:
+            state.wall_time_s = wall_before + time.perf_counter() - start
             save_checkpoint(accelerator, cfg, state.step)
     progress.close()
 
-    wall = time.perf_counter() - start
+    wall = wall_before + time.perf_counter() - start
     result = _finish(cfg, accelerator, unwrapped().student, teacher, metrics, state, info, wall)
     # Per-step times (data, forward, FOTF, backward, optimiser; no evaluation or saving) for benchmarks.
     result["step_times_s"] = step_times
