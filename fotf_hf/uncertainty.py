@@ -485,8 +485,8 @@ class FotfResult:
     Args:
         weights: `FotfWeights(kd, ce)`; `kd`/`ce` are None when `apply_to` excludes them.
         stats: 0-dim detached tensors for logging (`float()` them): `sigma_mean`, `sigma_max`
-            (over every pixel and class of sigma), and `weight_kd_mean` / `weight_ce_mean` for the
-            weights that were computed.
+            (over every pixel and class of sigma), and `weight_kd_mean` / `weight_kd_max` /
+            `weight_ce_mean` / `weight_ce_max` for the weights that were computed.
         sigma: `(B, C, h, w)` fp32 per-pixel per-class standard deviation (for pictures), at the
             student's logit resolution.
     """
@@ -608,8 +608,8 @@ class FOTF(nn.Module):
         stats = {"sigma_mean": sigma.mean(), "sigma_max": sigma.amax()}
         if self.apply_to in ("kd", "both"):
             kd = uncertainty_weights(sigma, self.m, self.kappa, self.weighting, self.merge_kd)
-            stats["weight_kd_mean"] = kd.mean()
+            stats["weight_kd_mean"], stats["weight_kd_max"] = kd.mean(), kd.amax()
         if self.apply_to in ("ce", "both"):
             ce = uncertainty_weights(sigma, self.m, self.kappa, self.weighting, self.merge_ce)
-            stats["weight_ce_mean"] = ce.mean()
+            stats["weight_ce_mean"], stats["weight_ce_max"] = ce.mean(), ce.amax()
         return FotfResult(weights=FotfWeights(kd=kd, ce=ce), stats=stats, sigma=sigma)

@@ -192,7 +192,8 @@ def test_two_process_run_matches_one_process_evaluation(tmp_path, teacher_dir):
     assert two_proc["per_class_iou"] == pytest.approx(one_proc["per_class_iou"], abs=1e-6, nan_ok=True)
 
 
-def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fotf", [False, True])
+def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path, monkeypatch, fotf):
     import fotf_hf.training.loop as loop
 
     real = loop.build_criterion_and_fotf
@@ -216,9 +217,13 @@ def test_non_finite_loss_names_step_and_term_and_keeps_last_checkpoint(tmp_path,
         return Poison(), fotf
 
     monkeypatch.setattr(loop, "build_criterion_and_fotf", poisoned)
-    cfg = load_config(tiny_config(tmp_path, "nan", optim={"max_steps": 4}, run={"save_every": 2, "eval_every": 4}))
-    with pytest.raises(NonFiniteLossError, match=r"step 3.*\['ce'\]"):
+    cfg = load_config(tiny_config(tmp_path, "nan", optim={"max_steps": 4}, run={"save_every": 2, "eval_every": 4},
+                                  fotf={"enabled": fotf, "apply_to": "ce", "kappa": 3.0}))
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*\['ce'\]") as error:
         train(cfg)
+    # With FOTF on, the message names the weights and the knobs that make them large.
+    assert ("largest FOTF weight" in str(error.value)) == fotf
+    assert ("lower fotf.kappa / fotf.m" in str(error.value)) == fotf
     good = tmp_path / "nan" / "checkpoints" / "step_0000002"
     assert good.is_dir()
     assert not (tmp_path / "nan" / "model.safetensors").exists()

@@ -290,10 +290,11 @@ def test_fotf_weights_equal_reference_pipeline(merge_kd, merge_ce, weighting):
         assert w.shape == {"none": (2, 4, 8, 8), "pixel": (2, 1, 8, 8), "channel": (2, 4, 1, 1), "sample": (2, 1, 1, 1)}[merge]
         assert not w.requires_grad
         np.testing.assert_allclose(w.numpy(), expected, rtol=1e-4)
-    assert set(result.stats) == {"sigma_mean", "sigma_max", "weight_kd_mean", "weight_ce_mean"}
+    assert set(result.stats) == {"sigma_mean", "sigma_max", "weight_kd_mean", "weight_kd_max", "weight_ce_mean", "weight_ce_max"}
     assert float(result.stats["sigma_mean"]) == pytest.approx(sigma.mean(), rel=1e-4)
     assert float(result.stats["sigma_max"]) == pytest.approx(sigma.max(), rel=1e-4)
     assert float(result.stats["weight_kd_mean"]) == pytest.approx(_loop_weights(sigma, 3.0, 5.0, weighting, merge_kd).mean(), rel=1e-4)
+    assert float(result.stats["weight_ce_max"]) == pytest.approx(_loop_weights(sigma, 3.0, 5.0, weighting, merge_ce).max(), rel=1e-4)
 
 
 @pytest.mark.parametrize("apply_to,has_kd,has_ce", [("kd", True, False), ("ce", False, True), ("both", True, True)])

@@ -405,7 +405,7 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
                 with accelerator.autocast():
                     step_out = module(pixel_values, labels, teacher_out=teacher_out, teacher=teacher)
                 terms = {name: value.float() for name, value in step_out.terms.items()}
-                _check_finite(accelerator, terms, state.step + 1)
+                _check_finite(accelerator, terms, state.step + 1, cfg, step_out.fotf_stats)
                 loss = sum(terms.values())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
@@ -471,7 +471,8 @@ def _broadcast_buffers(module: torch.nn.Module, accelerator: Accelerator) -> Non
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def _check_finite(accelerator: Accelerator, terms: Dict[str, torch.Tensor], step: int) -> None:
+def _check_finite(accelerator: Accelerator, terms: Dict[str, torch.Tensor], step: int, cfg: ExperimentConfig,
+                  fotf_stats: Dict[str, torch.Tensor]) -> None:
     bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
     flag = torch.tensor([float(bool(bad))], device=accelerator.device)
     if accelerator.num_processes > 1:
@@ -479,9 +480,20 @@ def _check_finite(accelerator: Accelerator, terms: Dict[str, torch.Tensor], step
         flag = accelerator.reduce(flag, reduction="sum")
     if flag.item() > 0:
         values = {name: float(terms[name].detach()) for name in terms}
+        advice = ["lower optim.lr", "set optim.max_grad_norm"]
+        if cfg.run.mixed_precision != "no":
+            advice.append(f"try run.mixed_precision 'no' (now {cfg.run.mixed_precision!r})")
+        largest = max((float(v) for k, v in fotf_stats.items() if k.startswith("weight_") and k.endswith("_max")),
+                      default=None)
+        fotf_note = ""
+        if largest is not None:
+            # (1 + m*sigma)^kappa grows fast: a from-scratch student with sigma ~ 0.5 and m = kappa = 10 gets ~6e7.
+            fotf_note = (f" The largest FOTF weight this step was {largest:.3g} (fotf.kappa {cfg.fotf.kappa:g}, "
+                         f"fotf.m {cfg.fotf.m:g}).")
+            advice.insert(0, "lower fotf.kappa / fotf.m")
         raise NonFiniteLossError(
-            f"non-finite loss at step {step}: term(s) {bad or '(on another process)'} in {values}. The last good "
-            "checkpoint is kept; lower optim.lr, set optim.max_grad_norm, or try run.mixed_precision 'no' / 'bf16'"
+            f"non-finite loss at step {step}: term(s) {bad or '(on another process)'} in {values}.{fotf_note} "
+            f"The last good checkpoint is kept; {', '.join(advice[:-1])} or {advice[-1]}"
         )
 
 
