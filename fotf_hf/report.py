@@ -17,7 +17,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import yaml
 
-__all__ = ["RunRecord", "load_run", "run_label", "summarize", "markdown_tables"]
+__all__ = ["RunRecord", "load_run", "run_label", "summarize", "markdown_tables", "seed_differences",
+           "difference_table"]
 
 
 @dataclass
@@ -146,4 +147,48 @@ def markdown_tables(runs: Sequence[RunRecord], class_names: Optional[Sequence[st
             f"| {r.label} | {r.seed} | {_pct(r.mean_iou)} | {_pct(r.ece)} | {_pct(r.pixel_accuracy)} | {r.steps} | "
             f"{r.wall_time_s / 60:.1f} | {r.source} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def seed_differences(runs: Sequence[RunRecord], base: str, other: str, metric: str = "mean_iou") -> Dict[str, object]:
+    """`other - base` for one metric, paired by seed, next to the seed spread of each group.
+
+    Why pairs: runs with the same seed share the initialisation and the batch order, so their
+    difference removes part of the seed noise. Why the spread beside it: an effect smaller than the
+    run-to-run standard deviation is not evidence with three seeds.
+
+    Returns `{seeds, differences (one per shared seed, fraction), mean, std (sample std of the
+    differences, NaN below 2 pairs), base_std, other_std (over each group's seeds), welch_t}`;
+    `welch_t` = (mean(other) - mean(base)) / sqrt(var_b/n_b + var_o/n_o) over all runs of each group.
+    """
+    by_label: Dict[str, Dict[int, float]] = {base: {}, other: {}}
+    for run in runs:
+        if run.label in by_label:
+            by_label[run.label][run.seed] = getattr(run, metric)
+    seeds = sorted(set(by_label[base]) & set(by_label[other]))
+    diffs = [by_label[other][s] - by_label[base][s] for s in seeds]
+    b, o = list(by_label[base].values()), list(by_label[other].values())
+    mean_diff, std_diff = _mean_std(diffs) if diffs else (float("nan"), float("nan"))
+    t = float("nan")
+    if len(b) > 1 and len(o) > 1:
+        se = math.sqrt(statistics.variance(b) / len(b) + statistics.variance(o) / len(o))
+        t = (statistics.fmean(o) - statistics.fmean(b)) / se if se > 0 else float("nan")
+    return {"seeds": seeds, "differences": diffs, "mean": mean_diff, "std": std_diff,
+            "base_std": _mean_std(b)[1], "other_std": _mean_std(o)[1], "welch_t": t}
+
+
+def difference_table(runs: Sequence[RunRecord], pairs: Sequence[tuple]) -> str:
+    """Markdown: for each `(base, other)` label pair and metric, the seed-paired differences
+    (percentage points), their mean +- std, each group's seed std and Welch's t."""
+    lines = ["| comparison | metric | per-seed difference (pp) | mean +- std (pp) | seed std base / other (pp) | Welch t |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for base, other in pairs:
+        for metric, name in (("mean_iou", "mIoU"), ("ece", "ECE")):
+            d = seed_differences(runs, base, other, metric)
+            per_seed = ", ".join(f"{s}: {100 * v:+.2f}" for s, v in zip(d["seeds"], d["differences"])) or "no shared seeds"
+            mean = "n/a" if math.isnan(d["mean"]) else f"{100 * d['mean']:+.2f}" + (
+                "" if math.isnan(d["std"]) else f" +- {100 * d['std']:.2f}")
+            t = "n/a" if math.isnan(d["welch_t"]) else f"{d['welch_t']:+.2f}"
+            lines.append(f"| {other} vs {base} | {name} | {per_seed} | {mean} | "
+                         f"{_pct(d['base_std'])} / {_pct(d['other_std'])} | {t} |")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from fotf_hf.report import load_run, markdown_tables, run_label, summarize
+from fotf_hf.report import difference_table, load_run, markdown_tables, run_label, seed_differences, summarize
 
 
 def _write_run(folder, seed, miou, ece, per_class, fotf=None, evaluated=True, wall=120.0):
@@ -47,3 +47,27 @@ def test_labels_group_and_statistics(tmp_path):
     assert "| kd + FOTF (kappa 5, m 1) | 1 (0) | 0.00 | 5.00 | 1.0 |" in lines
     assert "| method | sky | road |" in lines
     assert sum(line.startswith("| kd/seed") or line.startswith("| kd_fotf/seed") for line in lines) == 3
+
+
+def test_seed_differences_pair_by_seed_and_compute_welch_t(tmp_path):
+    fotf = {"enabled": True, "kappa": 1.0, "m": 1.0}
+    base = [(0, 0.30, 0.08), (1, 0.34, 0.06), (2, 0.32, 0.07)]
+    other = [(0, 0.33, 0.05), (1, 0.35, 0.05), (3, 0.40, 0.04)]  # seed 3 has no partner
+    for seed, miou, ece in base:
+        _write_run(tmp_path / "kd" / f"seed{seed}", seed, miou, ece, [miou])
+    for seed, miou, ece in other:
+        _write_run(tmp_path / "kd_fotf" / f"seed{seed}", seed, miou, ece, [miou], fotf=fotf)
+    runs = [load_run(f) for f in sorted(tmp_path.glob("*/seed*"))]
+    label = "kd + FOTF (kappa 1, m 1)"
+
+    d = seed_differences(runs, "kd", label)
+    assert d["seeds"] == [0, 1]
+    assert d["differences"] == pytest.approx([0.03, 0.01])
+    assert d["mean"] == pytest.approx(0.02) and d["std"] == pytest.approx(math.sqrt(2 * 0.01 ** 2))
+    # by hand: means 0.32 / 0.36, variances 0.0004 / 0.0013, n = 3 each
+    assert d["welch_t"] == pytest.approx(0.04 / math.sqrt(0.0004 / 3 + 0.0013 / 3))
+    assert d["base_std"] == pytest.approx(0.02)
+
+    table = difference_table(runs, [("kd", label)]).splitlines()
+    assert table[2].startswith(f"| {label} vs kd | mIoU | 0: +3.00, 1: +1.00 | +2.00 +- 1.41 | 2.00 / 3.61 |")
+    assert table[3].startswith(f"| {label} vs kd | ECE | 0: -3.00, 1: -1.00 | -2.00 +- 1.41 |")
