@@ -161,13 +161,16 @@ def write_uncertainty_panels(
     device: Optional[Union[str, torch.device]] = None,
     panel_width: float = 2.6,
     dpi: int = 100,
+    indices: Optional[Sequence[int]] = None,
 ) -> List[Path]:
     """One PNG per validation image: image | ground truth | prediction | sigma | FOTF weight.
 
     Args:
         student: a `SegmentationStudent` (`forward` -> `logits`, `head_input`; `sample_logits`).
         eval_set: transformed validation dataset; item i is `{"pixel_values": (3, H, W), "labels": (H, W)}`.
-            The first `num_images` items are drawn, so successive steps show the same images.
+            `num_images` items evenly spread over the set are drawn (the first, the last, and
+            between): validation sets of video frames (CamVid) start with near-identical images.
+            The choice depends only on the set's length, so successive steps show the same images.
         info: the `DatasetInfo` (palette, ignore colour), or None for a generated palette.
         out_dir: folder of the PNGs (created).
         step: training step, part of the file names `step_{step:07d}_{i:02d}.png`.
@@ -181,9 +184,11 @@ def write_uncertainty_panels(
         panel_width: inches per panel; the PNG is `round(5 * panel_width * dpi)` pixels wide and
             `round((panel_width * H / W + 0.8) * dpi)` high.
         dpi: pixels per inch.
+        indices: draw these items instead (then `num_images` is ignored).
 
     Returns:
-        the written PNG paths, in image order.
+        the written PNG paths, in image order; file `step_{step:07d}_{k:02d}.png` is the k-th image
+        drawn, and its title names the dataset index.
 
     Sigma is the per-pixel, per-class std over the T softmax samples (`predictive_std`, eq. 6) of
     head-only MC dropout, averaged over classes (the `pixel` merge), at the logit resolution and
@@ -209,10 +214,13 @@ def write_uncertainty_panels(
     weight_title = (f"FOTF weight {weight_name}\nm={m:g}, kappa={kappa:g}, merge pixel" if from_fotf
                     else f"weight {weight_name}\nFOTF off: m=1, kappa=1")
 
+    if indices is None:
+        count = min(int(num_images), len(eval_set))
+        indices = sorted({round(float(v)) for v in np.linspace(0, len(eval_set) - 1, count)}) if count > 0 else []
     paths: List[Path] = []
     with _eval_mode(student):
-        for i in range(min(int(num_images), len(eval_set))):
-            sample = eval_set[i]
+        for k, i in enumerate(indices):
+            sample = eval_set[int(i)]
             x = torch.as_tensor(sample["pixel_values"]).unsqueeze(0).to(device)
             labels = torch.as_tensor(sample["labels"])
             size = tuple(labels.shape[-2:])
@@ -250,7 +258,7 @@ def write_uncertainty_panels(
                     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             fig.suptitle(f"step {step}, validation image {i}", fontsize=8)
             fig.subplots_adjust(left=0.01, right=0.97, bottom=0.02, top=0.78, wspace=0.15)
-            paths.append(_save_atomic(fig, out_dir / f"step_{int(step):07d}_{i:02d}.png", dpi))
+            paths.append(_save_atomic(fig, out_dir / f"step_{int(step):07d}_{k:02d}.png", dpi))
     return paths
 
 

@@ -102,6 +102,30 @@ def keep(folder: Path) -> None:
                 shutil.copy2(panel, dst / "panels" / panel.name)
 
 
+def figures(methods, seed: int, num_images: int = 3) -> None:
+    """Uncertainty panels of each FOTF student of `seed` on `num_images` val images spread over
+    the split (the loop's own panels show its first, near-identical video frames), into
+    results/camvid_cpu/figures/<method>/."""
+    from fotf_hf.config import load_config
+    from fotf_hf.evaluation import load_student
+    from fotf_hf.training.loop import build_data
+    from fotf_hf.viz import write_uncertainty_panels
+
+    for method in methods:
+        folder = REPO / OUT / method / f"seed{seed}"
+        if not (folder / "model.safetensors").is_file():
+            continue
+        cfg = load_config(folder / "fotf_config.yaml")
+        cfg.data.root = str(REPO / cfg.data.root) if not Path(cfg.data.root).is_absolute() else cfg.data.root
+        _, eval_set, info = build_data(cfg)
+        fotf = {"m": cfg.fotf.m, "kappa": cfg.fotf.kappa, "weighting": cfg.fotf.weighting, "p": cfg.fotf.p}
+        paths = write_uncertainty_panels(load_student(folder), eval_set, info, REPO / RESULTS / "figures" / method,
+                                         step=cfg.optim.max_steps, num_images=num_images,
+                                         fotf=fotf if cfg.fotf.enabled else None, num_samples=cfg.fotf.num_samples,
+                                         normalization=cfg.data.normalization, device="cpu")
+        print(f"[study] figures: {[str(p.relative_to(REPO)) for p in paths]}", flush=True)
+
+
 def best_point(method: str) -> tuple:
     """(kappa, m) of the sweep run with the highest final mIoU (evaluate.py's)."""
     scores = {}
@@ -118,10 +142,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sweep_seed", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--figures_only", action="store_true", help="only redraw the figures of finished runs")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     (REPO / RESULTS).mkdir(parents=True, exist_ok=True)
     start = time.time()
+    if args.figures_only:
+        figures([m for m in args.methods if m.endswith("_fotf")], args.seeds[0])
+        return 0
 
     train_and_evaluate("teacher", "teacher.yaml", OUT / "teacher", [], args.dry_run)
     chosen = {}
@@ -158,6 +186,7 @@ def main(argv=None) -> int:
                 difference_table(runs, pairs), "## Sweep", "", markdown_tables(sweep, CAMVID_CLASSES),
                 "Runs that stopped (reported, not scored):", "", *(failed or ["- none"]), ""]
         (REPO / RESULTS / "summary.md").write_text("\n".join(text))
+        figures([m for m in args.methods if m.endswith("_fotf")], args.seeds[0])
         print((REPO / RESULTS / "summary.md").read_text())
     print(f"[study] finished in {(time.time() - start) / 60:.1f} min", flush=True)
     return 0

@@ -207,3 +207,26 @@ def test_real_student_panels_and_tsne(tmp_path):
     loader = create_dataloader(eval_set, batch_size=2, train=False)
     path = tsne_figure([("a", student), ("b", student)], loader, tmp_path / "tsne.png", points_per_class=10)
     assert png_size(path) == (900, 500)
+
+
+class _Recording(list):
+    """A list dataset that records which items were read."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read = []
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return super().__getitem__(i)
+
+
+def test_panels_spread_over_the_set_or_follow_given_indices(tmp_path):
+    student = FakeStudent().eval()
+    data = _Recording(make_eval_set(7))
+    paths = write_uncertainty_panels(student, data, INFO, tmp_path / "a", num_images=3, num_samples=2)
+    assert data.read == [0, 3, 6]  # first, middle, last: not three neighbouring video frames
+    assert [p.name for p in paths] == ["step_0000000_00.png", "step_0000000_01.png", "step_0000000_02.png"]
+    data.read.clear()
+    write_uncertainty_panels(student, data, INFO, tmp_path / "b", num_samples=2, indices=[5, 1])
+    assert data.read == [5, 1]
