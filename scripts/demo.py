@@ -29,14 +29,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override optim.max_steps of every stage")
     args, extra = parser.parse_known_args(argv)
 
-    import torch
     from transformers import AutoModelForSemanticSegmentation
 
     import fotf_hf  # noqa: F401  (registers our models with the Auto classes)
     from fotf_hf.config import load_config
-    from fotf_hf.data import SegmentationTransform, build_dataset, create_dataloader
+    from fotf_hf.data import create_dataloader
     from fotf_hf.evaluation import evaluate_model, load_student
     from fotf_hf.training import train
+    from fotf_hf.training.loop import build_data
 
     out = Path(args.output_dir)
     teacher_dir = out / "teacher"
@@ -55,21 +55,17 @@ def main(argv=None) -> int:
         rows.append((name, result["final"], time.perf_counter() - start))
 
     # Reload the FOTF student from disk, as a user would, and evaluate it again.
-    cfg = load_config(CONFIGS / "kd_fotf.yaml", ["--teacher.pretrained", str(teacher_dir)])
-    datasets, info = build_dataset(cfg.data.name, root=cfg.data.root, **cfg.data.options)
-    loader = create_dataloader(
-        datasets[cfg.data.eval_split].with_transform(
-            SegmentationTransform(train=False, normalization=cfg.data.normalization, num_labels=info.num_labels)
-        ),
-        batch_size=cfg.run.eval_batch_size,
-        train=False,
-    )
+    cfg = load_config(CONFIGS / "kd_fotf.yaml", ["--teacher.pretrained", str(teacher_dir)] + list(extra))
+    _, eval_set, info = build_data(cfg)  # the very validation set the loop scored
+    loader = create_dataloader(eval_set, batch_size=cfg.run.eval_batch_size, train=False)
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(out / "kd_fotf")
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.run.mixed_precision == "bf16"):
-        again = evaluate_model(load_student(reloaded), loader, num_classes=info.num_labels)
+    # fp32, as the loop evaluates (bf16 autocast is for training steps only).
+    again = evaluate_model(load_student(reloaded), loader, num_classes=info.num_labels)
     trained = rows[-1][1]
+    same = abs(again["mean_iou"] - trained["mean_iou"]) < 1e-6 and abs(again["ece"] - trained["ece"]) < 1e-6
     print(f"\nreloaded {out / 'kd_fotf'} with AutoModelForSemanticSegmentation.from_pretrained: "
-          f"{type(reloaded).__name__}, mIoU {again['mean_iou']:.4f} (after training: {trained['mean_iou']:.4f})")
+          f"{type(reloaded).__name__}, mIoU {again['mean_iou']:.6f} ECE {again['ece']:.6f} "
+          f"(after training: {trained['mean_iou']:.6f} / {trained['ece']:.6f}): {'same' if same else 'DIFFERENT'}")
 
     print("\n| model | mIoU (%) | ECE (%) | wall time (s) |\n| --- | --- | --- | --- |")
     labels = {"teacher": "teacher (DeepLabV3-R18, CE)", "kd": "student, vanilla KD", "kd_fotf": "student, KD + FOTF"}
@@ -79,6 +75,9 @@ def main(argv=None) -> int:
     summary["reloaded_kd_fotf_mean_iou"] = again["mean_iou"]
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nfolders, model cards and pictures: {out}/{{teacher,kd,kd_fotf}}; summary: {out / 'demo_summary.json'}")
+    if not same:
+        print("error: the reloaded student does not reproduce its evaluation", file=sys.stderr)
+        return 1
     return 0
 
 
