@@ -168,7 +168,7 @@ def seed_differences(runs: Sequence[RunRecord], base: str, other: str, metric: s
     seeds = sorted(set(by_label[base]) & set(by_label[other]))
     diffs = [by_label[other][s] - by_label[base][s] for s in seeds]
     b, o = list(by_label[base].values()), list(by_label[other].values())
-    mean_diff, std_diff = _mean_std(diffs) if diffs else (float("nan"), float("nan"))
+    mean_diff, std_diff = _mean_std(diffs)
     t = float("nan")
     if len(b) > 1 and len(o) > 1:
         se = math.sqrt(statistics.variance(b) / len(b) + statistics.variance(o) / len(o))

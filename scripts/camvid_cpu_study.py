@@ -116,12 +116,11 @@ def figures(methods, seed: int, num_images: int = 3) -> None:
         if not (folder / "model.safetensors").is_file():
             continue
         cfg = load_config(folder / "fotf_config.yaml")
-        cfg.data.root = str(REPO / cfg.data.root) if not Path(cfg.data.root).is_absolute() else cfg.data.root
+        cfg.data.root = str(REPO / cfg.data.root)  # relative to the repo; an absolute root stays as it is
         _, eval_set, info = build_data(cfg)
-        fotf = {"m": cfg.fotf.m, "kappa": cfg.fotf.kappa, "weighting": cfg.fotf.weighting, "p": cfg.fotf.p}
         paths = write_uncertainty_panels(load_student(folder), eval_set, info, REPO / RESULTS / "figures" / method,
                                          step=cfg.optim.max_steps, num_images=num_images,
-                                         fotf=fotf if cfg.fotf.enabled else None, num_samples=cfg.fotf.num_samples,
+                                         fotf=cfg.fotf if cfg.fotf.enabled else None, num_samples=cfg.fotf.num_samples,
                                          normalization=cfg.data.normalization, device="cpu")
         print(f"[study] figures: {[str(p.relative_to(REPO)) for p in paths]}", flush=True)
 
@@ -147,8 +146,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     (REPO / RESULTS).mkdir(parents=True, exist_ok=True)
     start = time.time()
+    fotf_methods = [m for m in args.methods if m in KAPPA_FROM]
     if args.figures_only:
-        figures([m for m in args.methods if m.endswith("_fotf")], args.seeds[0])
+        figures(fotf_methods, args.seeds[0])
         return 0
 
     train_and_evaluate("teacher", "teacher.yaml", OUT / "teacher", [], args.dry_run)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                 difference_table(runs, pairs), "## Sweep", "", markdown_tables(sweep, CAMVID_CLASSES),
                 "Runs that stopped (reported, not scored):", "", *(failed or ["- none"]), ""]
         (REPO / RESULTS / "summary.md").write_text("\n".join(text))
-        figures([m for m in args.methods if m.endswith("_fotf")], args.seeds[0])
+        figures(fotf_methods, args.seeds[0])
         print((REPO / RESULTS / "summary.md").read_text())
     print(f"[study] finished in {(time.time() - start) / 60:.1f} min", flush=True)
     return 0
