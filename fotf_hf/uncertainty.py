@@ -19,6 +19,7 @@ the MC site is deterministic.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -40,6 +41,8 @@ __all__ = [
     "dropout_keep_mask",
     "bernoulli_positions",
     "mc_dropout_linear",
+    "mc_dropout_linear_std",
+    "mc_dropout_std",
     "mc_dropout_logits",
     "mc_dropout_probs",
     "predictive_std",
@@ -124,23 +127,27 @@ def dropout_keep_mask(
     return uniform16 >= threshold
 
 
-def _geometric_from_bits(bits: torch.Tensor, p: float, dtype=torch.int64) -> torch.Tensor:
-    """Geometric(p) variates on {1, 2, ...} from uniform 23-bit integers `bits` in [0, 2**23).
+@functools.lru_cache(maxsize=16)
+def _geometric_table(p: float, device: torch.device) -> torch.Tensor:
+    """Inverse CDF of Geometric(p) on {1, 2, ...} at the 2**16 points `u_k = (k + 1/2) / 2**16`.
 
-    Inverse CDF `1 + floor(log(u) / log(1 - p))` at `u = (bits + 0.5) / 2**23`, which lies strictly
-    inside (0, 1) and is exact in fp32 (so log(u) < 0 and every gap is >= 1): the distribution is
-    exact up to that 2**-23 quantisation of u.
+    `table[k] = 1 + floor(log(u_k) / log(1 - p))` (float64), so for a uniform 16-bit k,
+    `P(table[k] > j) = floor(2**16 (1 - p)**j + 1/2) / 2**16`: every tail probability of the gap is
+    exact up to rounding to the nearest multiple of 2**-16 (the resolution of `dropout_keep_mask`),
+    and the largest gap is `table[0]` (112 at p = 0.1). int32, 256 KiB: one gather per gap
+    replaces a float conversion, a log and a rounding.
     """
-    u = bits.float().add_(0.5).mul_(2.0**-23)
-    return torch.log_(u).mul_(1.0 / math.log1p(-p)).floor_().to(dtype).add_(1)
+    u = (torch.arange(2**_MASK_BITS, dtype=torch.float64) + 0.5) / 2**_MASK_BITS
+    table = torch.log(u).div_(math.log1p(-p)).floor_().add_(1)
+    return table.to(device=device, dtype=torch.int32)
 
 
-def _geometric_gaps(count: int, p: float, generator, device, dtype=torch.int64) -> torch.Tensor:
-    """`count` i.i.d. Geometric(p) variates (trials up to and including a success)."""
-    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device)
+def _geometric_gaps(count: int, p: float, generator, device) -> torch.Tensor:
+    """`count` i.i.d. Geometric(p) variates (trials up to and including a success), int32."""
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: all bits uniform
-    bits = (words.view(torch.int32)[:count] >> 9).add_(2**22)  # arithmetic shift: uniform on [0, 2^23)
-    return _geometric_from_bits(bits, p, dtype)
+    k = words.view(torch.uint16)[:count].int()  # four uniform 16-bit indices per word
+    return _geometric_table(float(p), k.device).index_select(0, k)
 
 
 def bernoulli_positions(
@@ -151,29 +158,34 @@ def bernoulli_positions(
 ) -> torch.Tensor:
     """Sorted flat indices of the successes of `numel` i.i.d. Bernoulli(p) trials.
 
-    Equivalent in distribution to `torch.nonzero(torch.rand(numel) < p)` but draws one random
-    number per success (~p * numel) instead of one per trial: the gaps between successes of a
-    Bernoulli process are i.i.d. Geometric(p) (`_geometric_gaps`). int32 when `numel < 2**30`
-    (faster cumsum / indexing), else int64.
+    Equivalent in distribution to `torch.nonzero(torch.rand(numel) < p)` (up to the 2**-16
+    resolution of `_geometric_table`) but draws 16 random bits per success (~p * numel) instead
+    of one number per trial: the gaps between successes of a Bernoulli process are i.i.d.
+    Geometric(p). int32 when the positions fit, else int64.
     """
     if not 0.0 < p < 1.0:
         raise ValueError(f"p = {p!r} must be in (0, 1)")
-    dtype = torch.int32 if numel < 2**30 else torch.int64
+    if device is None and generator is not None:
+        device = generator.device
+    max_gap = int(_geometric_table(float(p), torch.device(device or "cpu"))[0])
     mean = numel * p
     # ~6 standard deviations of the success count: one round almost always suffices.
     count = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 16)
+    # The first round's cumulative sum stays below count * max_gap; the rare extra rounds run in
+    # int64 and are cast back once cut below numel.
+    dtype = torch.int32 if count * max_gap < 2**31 and numel < 2**31 else torch.int64
     chunks, start = [], 0
     while True:
-        # cumsum overshoots numel by at most the count's margin x the largest gap (< 2^30 for int32)
-        pos = torch.cumsum(_geometric_gaps(count, p, generator, device, dtype), 0, dtype=dtype).add_(start - 1)
+        pos = torch.cumsum(_geometric_gaps(count, p, generator, device), 0, dtype=dtype if not chunks else torch.int64)
+        pos.add_(start - 1)
         chunks.append(pos)
         last = int(pos[-1])
         if last >= numel:
             break
         start, count = last + 1, int((numel - last) * p * 1.5) + 16
-    pos = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-    end = int(torch.searchsorted(pos, torch.tensor([numel], dtype=dtype, device=pos.device)))
-    return pos[:end]
+    pos = chunks[0] if len(chunks) == 1 else torch.cat([c.long() for c in chunks])
+    end = int(torch.searchsorted(pos, torch.tensor([numel], dtype=pos.dtype, device=pos.device)))
+    return pos[:end].to(dtype)
 
 
 MC_LINEAR_METHODS = ("auto", "sparse", "dense")
@@ -220,6 +232,79 @@ def mc_dropout_linear(
     Returns:
         `(T, B, C, h, w)` fp32 logits (a permuted view of a `(T, B, h, w, C)` buffer).
     """
+    _check_mc_linear_args(head_input, weight, num_samples, p, masks, method)
+    B, D, h, w = head_input.shape
+    C = weight.shape[0]
+    with torch.autocast(device_type=head_input.device.type, enabled=False):
+        x, w_t, b = _pixel_major(head_input, weight, bias, p)
+        if masks is not None or _resolve_method(method, head_input.device) == "dense":
+            if masks is None:
+                keep = dropout_keep_mask((num_samples, B * h * w, D), p, generator=generator, device=x.device)
+            else:
+                keep = masks.permute(0, 1, 3, 4, 2).reshape(num_samples, B * h * w, D).bool()
+            rows = torch.where(keep, x, x.new_zeros(())).reshape(-1, D)
+            out = rows @ w_t if b is None else torch.addmm(b, rows, w_t)
+        else:
+            out = torch.stack(list(_sparse_samples(x, w_t, b, num_samples, p, generator)))
+        return out.reshape(num_samples, B, h, w, C).permute(0, 1, 4, 2, 3)
+
+
+@torch.no_grad()
+def mc_dropout_linear_std(
+    head_input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    num_samples: int = 5,
+    p: float = 0.1,
+    generator: Optional[torch.Generator] = None,
+    method: str = "auto",
+    correction: int = 1,
+) -> torch.Tensor:
+    """Eq. 6 straight from the head: std over T samples of `softmax(classifier(dropout(head_input)))`.
+
+    Equals `predictive_std(softmax(mc_dropout_linear(...), dim=2), correction)` for the same draws
+    (the `sparse` path consumes the generator exactly as `mc_dropout_linear` does). On the `sparse`
+    path the T samples are streamed: each `(B*h*w, C)` sample is softmaxed and folded into the
+    running sums of `q_t - q_1` (the shifted sums of `predictive_std`) while it is in cache, so the
+    `(T, B, C, h, w)` logits and probabilities (16 MB each for SegFormer-B0's head at T = 20) are
+    never stored.
+
+    Args:
+        head_input: `(B, D, h, w)` features entering the dropout.
+        weight: classifier weight `(C, D, 1, 1)` or `(C, D)`.
+        bias: `(C,)` or None.
+        num_samples: T >= 2.
+        p: drop probability in (0, 1).
+        generator: RNG for the drops (None = global RNG).
+        method: one of `MC_LINEAR_METHODS` (see `mc_dropout_linear`).
+        correction: as in `predictive_std` (1 = Bessel).
+
+    Returns:
+        sigma `(B, C, h, w)` fp32, >= 0.
+    """
+    _check_num_samples(num_samples)
+    _check_mc_linear_args(head_input, weight, num_samples, p, None, method)
+    _check_correction(correction, num_samples)
+    if _resolve_method(method, head_input.device) == "dense":
+        logits = mc_dropout_linear(head_input, weight, bias, num_samples, p, generator=generator, method="dense")
+        return predictive_std(_softmax_fp32(logits), correction=correction)
+    B, D, h, w = head_input.shape
+    with torch.autocast(device_type=head_input.device.type, enabled=False):
+        x, w_t, b = _pixel_major(head_input, weight, bias, p)
+        first = s1 = s2 = None
+        for logits in _sparse_samples(x, w_t, b, num_samples, p, generator):
+            q = torch.softmax(logits, dim=-1)  # (B*h*w, C), classes contiguous
+            if first is None:
+                first, s1, s2 = q, torch.zeros_like(q), torch.zeros_like(q)
+                continue
+            d = q.sub_(first)
+            s1 += d
+            s2.addcmul_(d, d)
+        sigma = _shifted_std(s1, s2, num_samples, correction)  # (B*h*w, C)
+        return sigma.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def _check_mc_linear_args(head_input, weight, num_samples, p, masks, method) -> None:
     _check_choice(method, MC_LINEAR_METHODS, "method")
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout probability p = {p!r} must be in (0, 1)")
@@ -231,39 +316,48 @@ def mc_dropout_linear(
         raise ValueError(f"classifier weight {tuple(weight.shape)} does not take {D} input channels")
     if masks is not None and tuple(masks.shape) != (num_samples, B, D, h, w):
         raise ValueError(f"masks must be (T, B, D, h, w) = {(num_samples, B, D, h, w)}, got {tuple(masks.shape)}")
-    device = head_input.device
-    with torch.autocast(device_type=device.type, enabled=False):
-        # Pixel-major rows (B*h*w, D): the classifier becomes one GEMM, masks index contiguous rows.
-        x = head_input.detach().float().permute(0, 2, 3, 1).reshape(B * h * w, D)
-        w_t = (weight.detach().float().reshape(C, D).t() * (1.0 / (1.0 - p))).contiguous()  # (D, C), scale folded in
-        b = None if bias is None else bias.detach().float()
-        if method == "auto":
-            method = "sparse" if device.type == "cpu" else "dense"
-        if masks is not None or method == "dense":
-            if masks is None:
-                keep = dropout_keep_mask((num_samples, B * h * w, D), p, generator=generator, device=device)
-            else:
-                keep = masks.permute(0, 1, 3, 4, 2).reshape(num_samples, B * h * w, D).bool()
-            rows = torch.where(keep, x, x.new_zeros(())).reshape(-1, D)
-            out = rows @ w_t if b is None else torch.addmm(b, rows, w_t)
-        else:
-            base = x @ w_t if b is None else torch.addmm(b, x, w_t)  # (B*h*w, C): the no-drop logits
-            out = base.unsqueeze(0).repeat(num_samples, 1, 1)
-            flat_x = x.reshape(-1)
-            numel = B * h * w * D
-            row_starts = None
-            for t in range(num_samples):
-                # Per sample, not batched: the index arrays then stay in cache (2x faster on CPU).
-                dropped = bernoulli_positions(numel, p, generator=generator, device=device)
-                if row_starts is None:
-                    row_starts = torch.arange(0, numel, D, dtype=dropped.dtype, device=device)
-                # bitwise and instead of an integer division when D is a power of two (128/256/512)
-                channel = dropped & (D - 1) if D & (D - 1) == 0 else dropped % D
-                out[t] -= F.embedding_bag(
-                    channel, w_t, torch.searchsorted(dropped, row_starts), mode="sum",
-                    per_sample_weights=flat_x[dropped],
-                )
-        return out.reshape(num_samples, B, h, w, C).permute(0, 1, 4, 2, 3)
+
+
+def _resolve_method(method: str, device: torch.device) -> str:
+    if method == "auto":
+        return "sparse" if device.type == "cpu" else "dense"
+    return method
+
+
+def _pixel_major(head_input, weight, bias, p):
+    """fp32 `x (B*h*w, D)` (pixel-major rows: the classifier is one GEMM and a pixel's channels
+    are contiguous), `w_t (D, C)` with the 1/(1-p) dropout scale folded in, and `b (C,)` or None."""
+    B, D, h, w = head_input.shape
+    C = weight.shape[0]
+    x = head_input.detach().float().permute(0, 2, 3, 1).reshape(B * h * w, D)
+    w_t = (weight.detach().float().reshape(C, D).t() * (1.0 / (1.0 - p))).contiguous()
+    b = None if bias is None else bias.detach().float()
+    return x, w_t, b
+
+
+def _sparse_samples(x, w_t, b, num_samples, p, generator):
+    """Yield T `sparse`-path logits `(N, C)` for pixel-major `x (N, D)`: `W x` minus the dropped channels.
+
+    One `bernoulli_positions(N * D, p, generator)` call per sample, in order (tests replay the draws
+    this way). Each yielded tensor is a fresh buffer the caller may modify.
+    """
+    N, D = x.shape
+    base = x @ w_t if b is None else torch.addmm(b, x, w_t)  # (N, C): the no-drop logits
+    flat_x = x.reshape(-1)
+    numel = N * D
+    row_starts = None
+    for _ in range(num_samples):
+        # Per sample, not batched: the index arrays then stay in cache (batching all T was slower).
+        dropped = bernoulli_positions(numel, p, generator=generator, device=x.device)
+        if row_starts is None:
+            row_starts = torch.arange(0, numel, D, dtype=dropped.dtype, device=x.device)
+        # bitwise and instead of an integer division when D is a power of two (128/256/512)
+        channel = dropped & (D - 1) if D & (D - 1) == 0 else dropped % D
+        correction = F.embedding_bag(
+            channel, w_t, torch.searchsorted(dropped, row_starts), mode="sum",
+            per_sample_weights=flat_x.index_select(0, dropped),
+        )
+        yield torch.sub(base, correction, out=correction)
 
 
 def _dropout_p(model, p: Optional[float]) -> float:
@@ -354,6 +448,31 @@ def mc_dropout_probs(
     return _softmax_fp32(logits)
 
 
+@torch.no_grad()
+def mc_dropout_std(
+    student,
+    features_or_inputs: torch.Tensor,
+    num_samples: int = 5,
+    p: Optional[float] = None,
+    mode: str = "head",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """sigma `(B, C, h, w)` (eq. 6) of T MC-dropout samples: what FOTF needs each step.
+
+    Same arguments as `mc_dropout_logits` and the same value as
+    `predictive_std(mc_dropout_probs(...))`, but in `head` mode it asks the model for the std
+    directly (`student.sample_std`, which streams the samples; see `mc_dropout_linear_std`), so
+    the T samples are never stored. Other modes and models without `sample_std` go through the
+    stored samples.
+    """
+    if mode == "head" and hasattr(student, "sample_std"):
+        _check_num_samples(num_samples)
+        _check_p(p)
+        _dropout_p(student, p)
+        return student.sample_std(features_or_inputs, num_samples, p=p, generator=generator)
+    return predictive_std(mc_dropout_probs(student, features_or_inputs, num_samples, p=p, mode=mode, generator=generator))
+
+
 # --------------------------------------------------------------------------------------------
 # Eq. 6: standard deviation over samples
 # --------------------------------------------------------------------------------------------
@@ -379,24 +498,28 @@ def predictive_std(probs: torch.Tensor, correction: int = 1) -> torch.Tensor:
     if probs.dim() < 2:
         raise ValueError(f"probs must be (T, B, C, h, w) (samples first), got shape {tuple(probs.shape)}")
     num_samples = probs.shape[0]
-    if not isinstance(correction, int) or correction < 0 or num_samples - correction <= 0:
-        raise ValueError(
-            f"correction = {correction!r} needs to be an integer in [0, T) with T = {num_samples} samples "
-            f"(the std over fewer than correction + 1 samples is undefined)"
-        )
+    _check_correction(correction, num_samples)
     with torch.no_grad(), torch.autocast(device_type=probs.device.type, enabled=False):
         q = probs.detach()
         if q.dtype != torch.float64:
             q = q.float()
         d = q[1:] - q[:1]
-        s1 = d.sum(0)
-        s2 = d.square_().sum(0)
-        var = (s2 - s1.square_() / num_samples).div_(num_samples - correction)
-        return var.clamp_min_(0).sqrt_()
+        return _shifted_std(d.sum(0), d.square_().sum(0), num_samples, correction)
 
 
-def _sigma_from_logits(logits: torch.Tensor, correction: int = 1) -> torch.Tensor:
-    return predictive_std(_softmax_fp32(logits), correction=correction)
+def _check_correction(correction, num_samples: int) -> None:
+    if isinstance(correction, bool) or not isinstance(correction, int) or correction < 0 or num_samples - correction <= 0:
+        raise ValueError(
+            f"correction = {correction!r} needs to be an integer in [0, T) with T = {num_samples} samples "
+            f"(the std over fewer than correction + 1 samples is undefined)"
+        )
+
+
+def _shifted_std(s1: torch.Tensor, s2: torch.Tensor, num_samples: int, correction: int) -> torch.Tensor:
+    """std from the sums `s1 = sum_t d_t`, `s2 = sum_t d_t^2` of the shifted samples `d_t = q_t - q_1`
+    (t = 2..T): `var = (s2 - s1^2 / T) / (T - correction)`. Overwrites s1 and s2."""
+    var = s2.sub_(s1.square_().div_(num_samples)).div_(num_samples - correction)
+    return var.clamp_min_(0).sqrt_()
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,8 +721,7 @@ class FOTF(nn.Module):
         model, features = self._sampled_model_and_input(
             student, head_input, pixel_values, teacher, teacher_head_input
         )
-        logits = mc_dropout_logits(model, features.detach(), self.num_samples, p=self.p, mode=self.mode)
-        sigma = _sigma_from_logits(logits)
+        sigma = mc_dropout_std(model, features.detach(), self.num_samples, p=self.p, mode=self.mode)
         if head_input is not None and sigma.shape[-2:] != head_input.shape[-2:]:
             # Teacher-side sigma at another resolution, or naive mode where only pixel_values
             # is known: put sigma where the student's logits live.

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -407,6 +408,12 @@ def test_from_pretrained_student_samples_differ_and_forward_is_deterministic(tmp
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     torch.testing.assert_close(student.sample_logits(features.head_input, 3, generator=g1),
                                student.sample_logits(features.head_input, 3, generator=g2), rtol=0, atol=0)
+    # the streaming std is eq. 6 of the same draws
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    probs = torch.softmax(student.sample_logits(features.head_input, 4, generator=g1), dim=2).double().numpy()
+    sigma = student.sample_std(features.head_input, 4, generator=g2)
+    assert sigma.shape == (2, C, 8, 8)
+    np.testing.assert_allclose(sigma.numpy(), np.std(probs, axis=0, ddof=1), rtol=1e-4, atol=1e-6)
     # the samples scatter around the deterministic logits
     mean = student.sample_logits(features.head_input, 400, generator=g1).mean(0)
     assert (mean - student(x).logits).abs().mean() < 0.1 * student(x).logits.abs().mean()

@@ -25,6 +25,8 @@ from fotf_hf.uncertainty import (
     bernoulli_positions,
     dropout_keep_mask,
     mc_dropout_linear,
+    mc_dropout_linear_std,
+    mc_dropout_std,
     mc_dropout_logits,
     mc_dropout_probs,
     merge_sigma,
@@ -480,18 +482,24 @@ def _dense_reference(x, weight, bias, keep, p):
     return torch.stack(out)
 
 
+def _replay_sparse_keep(T, shape, p, seed):
+    """The sparse path's keep-masks `(T, B, D, h, w)`: one `bernoulli_positions` call per sample, in
+    order, on one generator, over pixel-major `(B, h, w, D)`."""
+    B, D, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.ones(T, B * h * w * D, dtype=torch.bool)
+    for t in range(T):
+        keep[t, bernoulli_positions(B * h * w * D, p, generator=g).long()] = False
+    return keep.view(T, B, h, w, D).permute(0, 1, 4, 2, 3)
+
+
 @pytest.mark.parametrize("D", [16, 12])  # power of two (bit mask) and not (remainder)
 def test_mc_dropout_linear_sparse_equals_dense_for_the_same_drops(D):
     x = torch.relu(torch.randn(2, D, 5, 7))
     conv = nn.Conv2d(D, 3, 1)
     T, p = 4, 0.2
     sparse = mc_dropout_linear(x, conv.weight, conv.bias, T, p, generator=torch.Generator().manual_seed(9), method="sparse")
-    # replay the sparse path's draws: one bernoulli_positions call per sample, pixel-major (B, h, w, D)
-    g = torch.Generator().manual_seed(9)
-    keep = torch.ones(T, 2 * 5 * 7 * D, dtype=torch.bool)
-    for t in range(T):
-        keep[t, bernoulli_positions(2 * 5 * 7 * D, p, generator=g).long()] = False
-    keep = keep.view(T, 2, 5, 7, D).permute(0, 1, 4, 2, 3)
+    keep = _replay_sparse_keep(T, (2, D, 5, 7), p, seed=9)
     expected = _dense_reference(x, conv.weight, conv.bias, keep, p)
     assert sparse.shape == (T, 2, 3, 5, 7) and sparse.dtype == torch.float32
     torch.testing.assert_close(sparse.double(), expected, rtol=1e-5, atol=1e-5)
@@ -532,15 +540,86 @@ def test_mc_dropout_linear_errors_and_autocast():
         mc_dropout_linear(x, w, p=0.0)
 
 
-def test_geometric_transform_extremes():
-    from fotf_hf.uncertainty import _geometric_from_bits
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("D", [16, 12])
+def test_mc_dropout_linear_std_streams_the_same_draws(D, correction):
+    # Independent expectation: replay the sparse draws as keep-masks, float64 conv per sample,
+    # NumPy softmax over classes and np.std over samples.
+    x = torch.relu(torch.randn(2, D, 5, 7))
+    conv = nn.Conv2d(D, 3, 1)
+    T, p = 6, 0.2
+    sigma = mc_dropout_linear_std(x, conv.weight, conv.bias, T, p, generator=torch.Generator().manual_seed(9),
+                                  method="sparse", correction=correction)
+    keep = _replay_sparse_keep(T, (2, D, 5, 7), p, seed=9)
+    logits = _dense_reference(x, conv.weight, conv.bias, keep, p).detach().numpy()
+    expected = np.std(np_softmax(logits, 2), axis=0, ddof=correction)
+    assert sigma.shape == (2, 3, 5, 7) and sigma.dtype == torch.float32 and sigma.is_contiguous()
+    np.testing.assert_allclose(sigma.numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert expected.min() > 0  # every pixel/class actually varied, so the comparison means something
 
-    bits = torch.tensor([0, 1, 2**22, 2**23 - 2, 2**23 - 1], dtype=torch.int32)
-    for p in (0.9, 0.5, 0.1, 1e-3):
-        gaps = _geometric_from_bits(bits, p).tolist()
-        u = [(b + 0.5) / 2**23 for b in bits.tolist()]
-        assert gaps == [1 + math.floor(math.log(x) / math.log1p(-p)) for x in u]
-        assert min(gaps) >= 1  # u never reaches 1: no zero gaps, no duplicate drops
-    # exact inverse CDF on a full grid of a coarse p: P(gap = 1) = p
-    all_bits = torch.arange(2**23, dtype=torch.int32)
-    assert (_geometric_from_bits(all_bits, 0.25) == 1).double().mean().item() == pytest.approx(0.25, abs=2**-22)
+
+def test_mc_dropout_linear_std_dense_path_and_errors():
+    x = torch.relu(torch.randn(1, 8, 3, 4))
+    conv = nn.Conv2d(8, 5, 1)
+    sigma = mc_dropout_linear_std(x, conv.weight, conv.bias, 4, 0.3, generator=torch.Generator().manual_seed(2), method="dense")
+    probs = torch.softmax(mc_dropout_linear(x, conv.weight, conv.bias, 4, 0.3, generator=torch.Generator().manual_seed(2), method="dense"), 2)
+    np.testing.assert_allclose(sigma.numpy(), np.std(probs.double().numpy(), axis=0, ddof=1), rtol=1e-5, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mc_dropout_linear_std(x.bfloat16(), conv.weight, None, 3, 0.1).dtype == torch.float32
+    with pytest.raises(ValueError, match="num_samples = 1 must be an integer >= 2"):
+        mc_dropout_linear_std(x, conv.weight, num_samples=1)
+    with pytest.raises(ValueError, match=r"correction = 3 needs to be an integer in \[0, T\) with T = 3"):
+        mc_dropout_linear_std(x, conv.weight, num_samples=3, correction=3)
+    with pytest.raises(ValueError, match=r"method = 'fast' is not one of"):
+        mc_dropout_linear_std(x, conv.weight, method="fast")
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+        mc_dropout_linear_std(x, conv.weight, p=1.0)
+
+
+def test_mc_dropout_std_uses_the_models_streaming_std_in_head_mode():
+    student, pixel_values, head_input = _fotf_inputs()
+    calls = []
+
+    def sample_std(features, num_samples, p=None, generator=None):
+        calls.append((num_samples, p))
+        return torch.full((2, 4, 8, 8), 0.25)
+
+    student.sample_std = sample_std
+    assert torch.equal(mc_dropout_std(student, head_input, 3, p=0.2), torch.full((2, 4, 8, 8), 0.25))
+    assert calls == [(3, 0.2)] and student.calls == []
+    sigma = FOTF(num_samples=3, p=0.2)(student, head_input).sigma
+    assert torch.equal(sigma, torch.full((2, 4, 8, 8), 0.25)) and len(calls) == 2
+    # naive mode and models without sample_std: std of the stored samples
+    torch.manual_seed(3)
+    naive = mc_dropout_std(student, pixel_values, 3, mode="naive")
+    torch.manual_seed(3)
+    torch.testing.assert_close(naive, predictive_std(mc_dropout_probs(student, pixel_values, 3, mode="naive")))
+    with pytest.raises(ValueError, match="num_samples = 1"):
+        mc_dropout_std(student, head_input, 1)
+
+
+@pytest.mark.parametrize("p", [0.9, 0.5, 0.25, 0.1, 1e-3])
+def test_geometric_table_is_the_rounded_inverse_cdf(p):
+    from fotf_hf.uncertainty import _geometric_table
+
+    table = _geometric_table(p, torch.device("cpu"))
+    assert table.shape == (2**16,) and table.dtype == torch.int32
+    assert int(table.min()) == 1  # no zero gaps: no duplicate drops
+    # Every 16-bit index is equally likely, so P(gap > j) is the fraction of entries above j;
+    # it must be (1 - p)^j rounded (half up) to a multiple of 2^-16.
+    counts = np.bincount(table.numpy(), minlength=int(table.max()) + 2)
+    above = 2**16 - np.cumsum(counts)  # above[j] = #entries > j
+    for j in range(1, int(table.max()) + 1):
+        assert above[j] == math.floor(2**16 * (1 - p) ** j + 0.5), j  # half up: u_k <= q counts k = 0 at q = 2^-17
+    assert above[int(table.max())] == 0
+
+
+def test_bernoulli_positions_dtype_and_extension_rounds():
+    g = torch.Generator().manual_seed(3)
+    assert bernoulli_positions(1000, 0.2, generator=g).dtype == torch.int32
+    # p so small that the first round of gaps often ends short of numel: the extra rounds
+    # must keep the dtype and the sorted, in-range positions
+    for _ in range(50):
+        pos = bernoulli_positions(5000, 0.0005, generator=g)
+        assert pos.dtype == torch.int32
+        assert pos.numel() == 0 or (int(pos.max()) < 5000 and bool(torch.all(pos[1:] > pos[:-1])))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, SegformerForSemanticSegmentation
 
-from ..uncertainty import mc_dropout_linear
+from ..uncertainty import mc_dropout_linear, mc_dropout_linear_std
 from .modeling_fotf import FotfPreTrainedModel, check_pixel_values, dropout_classifier, segmentation_loss
 from .outputs import SegmentationFeatures, SegmentationModelOutput
 from .segformer import segformer_forward_features
@@ -225,15 +225,43 @@ class SegmentationStudent(nn.Module):
         Returns:
             `(T, B, C, h, w)` fp32 logits.
         """
+        p = self._mc_p(p)
+        classifier = self.get_classifier()
+        return mc_dropout_linear(head_input, classifier.weight, classifier.bias, num_samples, p,
+                                 masks=masks, generator=generator)
+
+    @torch.no_grad()
+    def sample_std(
+        self,
+        head_input: torch.Tensor,
+        num_samples: int,
+        p: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """sigma (eq. 6) of `sample_logits`' softmax without storing the T samples (`mc_dropout_linear_std`).
+
+        Args:
+            head_input: `(B, D, h, w)` from `forward_features` (detached internally).
+            num_samples: T >= 2.
+            p: drop probability in (0, 1); None = `mc_dropout_p`.
+            generator: RNG for the drops (None = global RNG); the same generator state gives the
+                same draws as `sample_logits`.
+
+        Returns:
+            `(B, C, h, w)` fp32 per-pixel, per-class std of the class probabilities.
+        """
+        classifier = self.get_classifier()
+        return mc_dropout_linear_std(head_input, classifier.weight, classifier.bias, num_samples, self._mc_p(p),
+                                     generator=generator)
+
+    def _mc_p(self, p: Optional[float]) -> float:
         p = self.mc_dropout_p if p is None else p
         if not 0.0 < p < 1.0:
             raise ValueError(
                 f"{type(self.model).__name__} has no active dropout site (mc_dropout_p = {self.mc_dropout_p}) and p = "
                 f"{p!r}: MC dropout needs p in (0, 1)"
             )
-        classifier = self.get_classifier()
-        return mc_dropout_linear(head_input, classifier.weight, classifier.bias, num_samples, p,
-                                 masks=masks, generator=generator)
+        return p
 
     @torch.no_grad()
     def sample_logits_naive(
