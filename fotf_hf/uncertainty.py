@@ -378,6 +378,13 @@ def _dropout_p(model, p: Optional[float]) -> float:
     return float(eff)
 
 
+def _check_sampling(model, num_samples, p, mode) -> None:
+    _check_num_samples(num_samples)
+    _check_choice(mode, MODES, "mode")
+    _check_p(p)
+    _dropout_p(model, p)
+
+
 @torch.no_grad()
 def mc_dropout_logits(
     student,
@@ -405,10 +412,7 @@ def mc_dropout_logits(
     Returns:
         `(T, B, C, h, w)` logits in the model's dtype.
     """
-    _check_num_samples(num_samples)
-    _check_choice(mode, MODES, "mode")
-    _check_p(p)
-    _dropout_p(student, p)
+    _check_sampling(student, num_samples, p, mode)
     if mode == "head":
         return student.sample_logits(features_or_inputs, num_samples, p=p, generator=generator)
     own = getattr(student, "mc_dropout_p", None)
@@ -466,9 +470,7 @@ def mc_dropout_std(
     stored samples.
     """
     if mode == "head" and hasattr(student, "sample_std"):
-        _check_num_samples(num_samples)
-        _check_p(p)
-        _dropout_p(student, p)
+        _check_sampling(student, num_samples, p, mode)
         return student.sample_std(features_or_inputs, num_samples, p=p, generator=generator)
     return predictive_std(mc_dropout_probs(student, features_or_inputs, num_samples, p=p, mode=mode, generator=generator))
 
