@@ -166,7 +166,7 @@ def write_uncertainty_panels(
     """One PNG per validation image: image | ground truth | prediction | sigma | FOTF weight.
 
     Args:
-        student: a `SegmentationStudent` (`forward` -> `logits`, `head_input`; `sample_logits`).
+        student: a `SegmentationStudent` (`forward` -> `logits`, `head_input`; `sample_std` or `sample_logits`).
         eval_set: transformed validation dataset; item i is `{"pixel_values": (3, H, W), "labels": (H, W)}`.
             `num_images` items evenly spread over the set are drawn (the first, the last, and
             between): validation sets of video frames (CamVid) start with near-identical images.
@@ -190,13 +190,13 @@ def write_uncertainty_panels(
         the written PNG paths, in image order; file `step_{step:07d}_{k:02d}.png` is the k-th image
         drawn, and its title names the dataset index.
 
-    Sigma is the per-pixel, per-class std over the T softmax samples (`predictive_std`, eq. 6) of
+    Sigma is the per-pixel, per-class std over the T softmax samples (`mc_dropout_std`, eq. 6) of
     head-only MC dropout, averaged over classes (the `pixel` merge), at the logit resolution and
     upsampled for display; the prediction is the deterministic (dropout-off) argmax.
     """
     from .data import denormalize
     from .evaluation import _eval_mode, _module_device
-    from .uncertainty import mc_dropout_probs, predictive_std, uncertainty_weights
+    from .uncertainty import mc_dropout_std, uncertainty_weights
 
     out_dir = Path(out_dir)
     m, kappa, weighting, p, from_fotf = _fotf_params(fotf)
@@ -231,8 +231,7 @@ def write_uncertainty_panels(
             with torch.autocast(device_type=device.type, enabled=False):
                 logits = F.interpolate(out.logits.float(), size=size, mode="bilinear", align_corners=True)
                 pred = logits.argmax(1)[0].cpu().numpy()
-                probs = mc_dropout_probs(student, head_input, num_samples, p=p, mode="head")
-                sigma = predictive_std(probs)  # (1, C, h, w)
+                sigma = mc_dropout_std(student, head_input, num_samples, p=p, mode="head")  # (1, C, h, w)
                 weight = uncertainty_weights(sigma, m=m, kappa=kappa, weighting=weighting, merge="pixel")
                 sigma_map = F.interpolate(sigma.mean(1, keepdim=True), size=size, mode="bilinear",
                                           align_corners=True)
