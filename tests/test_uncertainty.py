@@ -623,3 +623,20 @@ def test_bernoulli_positions_dtype_and_extension_rounds():
         pos = bernoulli_positions(5000, 0.0005, generator=g)
         assert pos.dtype == torch.int32
         assert pos.numel() == 0 or (int(pos.max()) < 5000 and bool(torch.all(pos[1:] > pos[:-1])))
+
+
+def test_sparse_path_gives_embedding_bag_matching_index_dtypes(monkeypatch):
+    # embedding_bag promotes mixed int32/int64 indices and offsets to int64, i.e. copies every
+    # sample's ~p*B*h*w*D indices; the sparse path must hand it one dtype (int32 at these sizes).
+    seen = []
+    real = F.embedding_bag
+
+    def spy(input, weight, offsets=None, *args, **kwargs):
+        seen.append((input.dtype, offsets.dtype))
+        return real(input, weight, offsets, *args, **kwargs)
+
+    monkeypatch.setattr(F, "embedding_bag", spy)
+    x = torch.relu(torch.randn(2, 16, 5, 7))
+    conv = nn.Conv2d(16, 3, 1)
+    mc_dropout_linear_std(x, conv.weight, conv.bias, 3, 0.2, method="sparse")
+    assert seen == [(torch.int32, torch.int32)] * 3
