@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _mc_kernel
 from .losses.base import FotfWeights
 
 __all__ = [
@@ -188,7 +189,7 @@ def bernoulli_positions(
     return pos[:end].to(dtype)
 
 
-MC_LINEAR_METHODS = ("auto", "sparse", "dense")
+MC_LINEAR_METHODS = ("auto", "fused", "sparse", "dense")
 
 
 @torch.no_grad()
@@ -209,14 +210,22 @@ def mc_dropout_linear(
     `m_t ~ Bernoulli(1 - p)` of shape `(B, D, h, w)`, one per sample.
 
     Methods:
+        - `fused` (CPU): one C kernel (`fotf_hf/csrc/mc_dropout_head.c`, built on first use with the
+          system compiler and cached; see `fotf_hf._mc_kernel`) walks the dropped positions of each
+          256-row segment as a Bernoulli process, subtracts their contributions from `W x` and, for
+          `mc_dropout_linear_std`, folds the softmax into the sums of eq. 6, per segment while its
+          features are in cache. Each sample's drops come from a splitmix64 stream seeded by one
+          int64 drawn from `generator`; the streams differ from the torch paths', the distribution
+          is the same. ~5x faster than `sparse` for SegFormer-B0's head.
         - `dense`: draws `(T, B, D, h, w)` masks with `dropout_keep_mask`, one GEMM over T*B*h*w rows.
         - `sparse`: `W (m * x) = W x - W ((1 - m) * x)`: one GEMM for `W x`, and the ~p*D dropped
           channels per pixel, sampled directly as a Bernoulli process (`bernoulli_positions`), are
           subtracted with `F.embedding_bag`. Same distribution, ~1/p less randomness and memory
           traffic; ~4x faster than `dense` and ~10x faster than `F.dropout` + conv on the CPU for
           SegFormer-B0's head.
-        - `auto`: `sparse` on the CPU, `dense` elsewhere (GPUs generate masks cheaply; `sparse`
-          would synchronise the device once per sample).
+        - `auto`: `fused` on the CPU when the kernel is available (a C compiler is found; else
+          `sparse`), `dense` elsewhere (GPUs generate masks cheaply; `sparse` would synchronise
+          the device once per sample).
         Given `masks`, the computation is `dense` with those masks.
 
     Args:
@@ -235,9 +244,12 @@ def mc_dropout_linear(
     _check_mc_linear_args(head_input, weight, num_samples, p, masks, method)
     B, D, h, w = head_input.shape
     C = weight.shape[0]
+    resolved = "dense" if masks is not None else _resolve_method(method, head_input.device)
     with torch.autocast(device_type=head_input.device.type, enabled=False):
         x, w_t, b = _pixel_major(head_input, weight, bias, p)
-        if masks is not None or _resolve_method(method, head_input.device) == "dense":
+        if resolved == "fused":
+            out, _ = _fused(x, w_t, b, num_samples, p, generator, want_logits=True)
+        elif resolved == "dense":
             if masks is None:
                 keep = dropout_keep_mask((num_samples, B * h * w, D), p, generator=generator, device=x.device)
             else:
@@ -263,11 +275,11 @@ def mc_dropout_linear_std(
     """Eq. 6 straight from the head: std over T samples of `softmax(classifier(dropout(head_input)))`.
 
     Equals `predictive_std(softmax(mc_dropout_linear(...), dim=2), correction)` for the same draws
-    (the `sparse` path consumes the generator exactly as `mc_dropout_linear` does). On the `sparse`
-    path the T samples are streamed: each `(B*h*w, C)` sample is softmaxed and folded into the
-    running sums of `q_t - q_1` (the shifted sums of `predictive_std`) while it is in cache, so the
-    `(T, B, C, h, w)` logits and probabilities (16 MB each for SegFormer-B0's head at T = 20) are
-    never stored.
+    (the `fused` and `sparse` paths consume the generator exactly as `mc_dropout_linear` does with
+    the same method). On both the T samples are streamed: each sample is softmaxed and folded into
+    the running sums of `q_t - q_1` (the shifted sums of `predictive_std`) while it is in cache, so
+    the `(T, B, C, h, w)` logits and probabilities (16 MB each for SegFormer-B0's head at T = 20) are
+    never stored; `fused` does it per 256-row segment inside the C kernel.
 
     Args:
         head_input: `(B, D, h, w)` features entering the dropout.
@@ -285,12 +297,16 @@ def mc_dropout_linear_std(
     _check_num_samples(num_samples)
     _check_mc_linear_args(head_input, weight, num_samples, p, None, method)
     _check_correction(correction, num_samples)
-    if _resolve_method(method, head_input.device) == "dense":
+    resolved = _resolve_method(method, head_input.device)
+    if resolved == "dense":
         logits = mc_dropout_linear(head_input, weight, bias, num_samples, p, generator=generator, method="dense")
         return predictive_std(_softmax_fp32(logits), correction=correction)
     B, D, h, w = head_input.shape
     with torch.autocast(device_type=head_input.device.type, enabled=False):
         x, w_t, b = _pixel_major(head_input, weight, bias, p)
+        if resolved == "fused":
+            _, sigma = _fused(x, w_t, b, num_samples, p, generator, want_sigma=True, correction=correction)
+            return sigma.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous()
         first = s1 = s2 = None
         for logits in _sparse_samples(x, w_t, b, num_samples, p, generator):
             q = torch.softmax(logits, dim=-1)  # (B*h*w, C), classes contiguous
@@ -320,7 +336,17 @@ def _check_mc_linear_args(head_input, weight, num_samples, p, masks, method) -> 
 
 def _resolve_method(method: str, device: torch.device) -> str:
     if method == "auto":
-        return "sparse" if device.type == "cpu" else "dense"
+        if device.type != "cpu":
+            return "dense"
+        return "fused" if _mc_kernel.available() else "sparse"
+    if method == "fused":
+        if device.type != "cpu":
+            raise ValueError(f"method='fused' runs on the CPU only, got a tensor on {device}; use 'auto' or 'dense'")
+        if not _mc_kernel.available():
+            raise RuntimeError(
+                f"method='fused' needs the C kernel, which is unavailable here ({_mc_kernel.unavailable_reason()}); "
+                f"install a C compiler (or set CC), or use method='sparse' (same distribution, pure torch)"
+            )
     return method
 
 
@@ -333,6 +359,20 @@ def _pixel_major(head_input, weight, bias, p):
     w_t = (weight.detach().float().reshape(C, D).t() * (1.0 / (1.0 - p))).contiguous()
     b = None if bias is None else bias.detach().float()
     return x, w_t, b
+
+
+def _fused(x, w_t, b, num_samples, p, generator, want_logits=False, want_sigma=False, correction=1):
+    """The `fused` kernel on pixel-major `x (N, D)`: `(logits (T, N, C) or None, sigma (N, C) or None)`."""
+    D, C = w_t.shape
+    w_pad = x.new_zeros(D, _mc_kernel.padded_classes(C))
+    w_pad[:, :C] = w_t
+    base = x @ w_t if b is None else torch.addmm(b, x, w_t)  # (N, C): the no-drop logits
+    seeds = torch.empty(num_samples, dtype=torch.int64, device=x.device)
+    seeds.random_(-(2**63), None, generator=generator)  # one 64-bit stream seed per sample
+    return _mc_kernel.mc_dropout_head(
+        x.contiguous(), w_pad, base, _geometric_table(float(p), x.device), seeds,
+        want_logits=want_logits, want_sigma=want_sigma, correction=correction,
+    )
 
 
 def _sparse_samples(x, w_t, b, num_samples, p, generator):

@@ -508,7 +508,7 @@ def test_mc_dropout_linear_sparse_equals_dense_for_the_same_drops(D):
     assert not torch.allclose(sparse[0], sparse[1])
 
 
-@pytest.mark.parametrize("method", ["sparse", "dense"])
+@pytest.mark.parametrize("method", ["sparse", "dense", "fused"])
 def test_mc_dropout_linear_moments_match_dropout_theory(method):
     # Per pixel and class, logit = b + sum_d W_d x_d m_d / (1 - p), m_d ~ Bernoulli(1 - p) i.i.d.:
     # mean = b + W x and variance = p / (1 - p) * sum_d W_d^2 x_d^2.
@@ -530,7 +530,7 @@ def test_mc_dropout_linear_errors_and_autocast():
     w = torch.randn(2, 4, 1, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert mc_dropout_linear(x.bfloat16(), w, None, 2, 0.1).dtype == torch.float32
-    with pytest.raises(ValueError, match=r"method = 'fast' is not one of \['auto', 'sparse', 'dense'\]"):
+    with pytest.raises(ValueError, match=r"method = 'fast' is not one of \['auto', 'fused', 'sparse', 'dense'\]"):
         mc_dropout_linear(x, w, method="fast")
     with pytest.raises(ValueError, match="does not take 4 input channels"):
         mc_dropout_linear(x, torch.randn(2, 5, 1, 1))
