@@ -162,6 +162,7 @@ def write_uncertainty_panels(
     panel_width: float = 2.6,
     dpi: int = 100,
     indices: Optional[Sequence[int]] = None,
+    seed: int = 0,
 ) -> List[Path]:
     """One PNG per validation image: image | ground truth | prediction | sigma | FOTF weight.
 
@@ -185,6 +186,8 @@ def write_uncertainty_panels(
             `round((panel_width * H / W + 0.8) * dpi)` high.
         dpi: pixels per inch.
         indices: draw these items instead (then `num_images` is ignored).
+        seed: seed of the panels' own MC-dropout generator. The global RNG is left untouched, so
+            writing panels during training does not change the training run that follows.
 
     Returns:
         the written PNG paths, in image order; file `step_{step:07d}_{k:02d}.png` is the k-th image
@@ -217,6 +220,7 @@ def write_uncertainty_panels(
     if indices is None:
         count = min(int(num_images), len(eval_set))
         indices = sorted({round(float(v)) for v in np.linspace(0, len(eval_set) - 1, count)}) if count > 0 else []
+    generator = torch.Generator(device=device).manual_seed(int(seed))
     paths: List[Path] = []
     with _eval_mode(student):
         for k, i in enumerate(indices):
@@ -231,7 +235,8 @@ def write_uncertainty_panels(
             with torch.autocast(device_type=device.type, enabled=False):
                 logits = F.interpolate(out.logits.float(), size=size, mode="bilinear", align_corners=True)
                 pred = logits.argmax(1)[0].cpu().numpy()
-                sigma = mc_dropout_std(student, head_input, num_samples, p=p, mode="head")  # (1, C, h, w)
+                sigma = mc_dropout_std(student, head_input, num_samples, p=p, mode="head",
+                                       generator=generator)  # (1, C, h, w)
                 weight = uncertainty_weights(sigma, m=m, kappa=kappa, weighting=weighting, merge="pixel")
                 sigma_map = F.interpolate(sigma.mean(1, keepdim=True), size=size, mode="bilinear",
                                           align_corners=True)

@@ -230,3 +230,15 @@ def test_panels_spread_over_the_set_or_follow_given_indices(tmp_path):
     data.read.clear()
     write_uncertainty_panels(student, data, INFO, tmp_path / "b", num_samples=2, indices=[5, 1])
     assert data.read == [5, 1]
+
+
+def test_panels_leave_the_global_rng_alone_and_repeat_with_the_same_seed(tmp_path):
+    # Panels are written between training steps: drawing their MC-dropout masks from the global RNG
+    # would make the rest of the training run depend on whether (and how many) panels were drawn.
+    student = FakeStudent().eval()
+    data = make_eval_set(2)
+    state = torch.random.get_rng_state()
+    first = write_uncertainty_panels(student, data, INFO, tmp_path / "a", num_images=2, num_samples=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = write_uncertainty_panels(student, data, INFO, tmp_path / "b", num_images=2, num_samples=3)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
