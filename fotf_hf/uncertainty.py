@@ -216,7 +216,8 @@ def mc_dropout_linear(
           `mc_dropout_linear_std`, folds the softmax into the sums of eq. 6, per segment while its
           features are in cache. Each sample's drops come from a splitmix64 stream seeded by one
           int64 drawn from `generator`; the streams differ from the torch paths', the distribution
-          is the same. ~5x faster than `sparse` for SegFormer-B0's head.
+          is the same. 2.5x faster than `sparse` for SegFormer-B0's head at T = 20
+          (`benchmarks/mc_head_kernel.py`).
         - `dense`: draws `(T, B, D, h, w)` masks with `dropout_keep_mask`, one GEMM over T*B*h*w rows.
         - `sparse`: `W (m * x) = W x - W ((1 - m) * x)`: one GEMM for `W x`, and the ~p*D dropped
           channels per pixel, sampled directly as a Bernoulli process (`bernoulli_positions`), are

@@ -180,3 +180,19 @@ def test_native_can_be_switched_off(monkeypatch):
         monkeypatch.delenv("FOTF_HF_NATIVE")
         _mc_kernel._library.cache_clear()
     assert _mc_kernel.available()
+
+
+def test_mc_head_kernel_benchmark_prints_both_methods(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mc_head_kernel.py"
+    spec = importlib.util.spec_from_file_location("mc_head_kernel", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--samples", "2", "3", "--repeats", "1", "--shape", "1", "8", "4", "5", "--classes", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["seconds"]) == {"fused", "sparse"} and set(out["speedup"]) == {"2", "3"}
+    for T in ("2", "3"):
+        assert out["speedup"][T] == pytest.approx(out["seconds"]["sparse"][T] / out["seconds"]["fused"][T], rel=0.01, abs=0.01)
