@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from fotf_hf import _mc_kernel
 from fotf_hf.losses.base import FotfWeights
 from fotf_hf.losses.ce import ce_loss
 from fotf_hf.losses.kd import kd_loss
@@ -508,7 +509,10 @@ def test_mc_dropout_linear_sparse_equals_dense_for_the_same_drops(D):
     assert not torch.allclose(sparse[0], sparse[1])
 
 
-@pytest.mark.parametrize("method", ["sparse", "dense", "fused"])
+@pytest.mark.parametrize("method", [
+    "sparse", "dense",
+    pytest.param("fused", marks=pytest.mark.skipif(not _mc_kernel.available(), reason="fused kernel unavailable")),
+])
 def test_mc_dropout_linear_moments_match_dropout_theory(method):
     # Per pixel and class, logit = b + sum_d W_d x_d m_d / (1 - p), m_d ~ Bernoulli(1 - p) i.i.d.:
     # mean = b + W x and variance = p / (1 - p) * sum_d W_d^2 x_d^2.
