@@ -196,3 +196,20 @@ def test_mc_head_kernel_benchmark_prints_both_methods(capsys):
     assert set(out["seconds"]) == {"fused", "sparse"} and set(out["speedup"]) == {"2", "3"}
     for T in ("2", "3"):
         assert out["speedup"][T] == pytest.approx(out["seconds"]["sparse"][T] / out["seconds"]["fused"][T], rel=0.01, abs=0.01)
+
+
+def test_an_unusable_cache_means_the_torch_path_not_an_error(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("FOTF_HF_CACHE", str(blocker))  # <cache>/native cannot be created under a file
+    _mc_kernel._library.cache_clear()
+    try:
+        assert not _mc_kernel.available() and "not-a-dir" in _mc_kernel.unavailable_reason()
+        x, weight = torch.randn(1, 8, 3, 4).relu(), torch.randn(3, 8, 1, 1)
+        sigma = mc_dropout_linear_std(x, weight, None, 3, 0.2, generator=torch.Generator().manual_seed(0))
+        sparse = mc_dropout_linear_std(x, weight, None, 3, 0.2, generator=torch.Generator().manual_seed(0), method="sparse")
+        assert torch.equal(sigma, sparse)
+    finally:
+        monkeypatch.delenv("FOTF_HF_CACHE")
+        _mc_kernel._library.cache_clear()
+    assert _mc_kernel.available()
