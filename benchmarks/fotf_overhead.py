@@ -82,9 +82,11 @@ def make_step(student, teacher, ce, kd, fotf, lr=0.01):
     def step(pixel_values, labels):
         with torch.no_grad():
             t_out = teacher(pixel_values)
-        out = student(pixel_values)
         weights = None
-        if fotf is not None:
+        if fotf is not None and not fotf.needs_head_input:  # as DistillationModule: naive passes first
+            weights = fotf(student, None, pixel_values=pixel_values).weights
+        out = student(pixel_values)
+        if fotf is not None and weights is None:
             weights = fotf(student, out.head_input.detach(), pixel_values=pixel_values).weights
         inputs = LossInputs(
             student_logits=out.logits, labels=labels, student_aux_logits=out.aux_logits,

@@ -724,6 +724,13 @@ class FOTF(nn.Module):
         self.mode = mode
         self.source = source
 
+    @property
+    def needs_head_input(self) -> bool:
+        """False for naive student sampling, whose weights depend on `pixel_values` only. A training
+        step can then call FOTF before the student's forward, so that the T extra no-grad forwards
+        do not add their transient activations on top of the graph's saved ones (peak memory)."""
+        return not (self.mode == "naive" and self.source == "student")
+
     def extra_repr(self) -> str:
         return (
             f"num_samples={self.num_samples}, p={self.p}, m={self.m}, kappa={self.kappa}, "

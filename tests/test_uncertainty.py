@@ -644,3 +644,41 @@ def test_sparse_path_gives_embedding_bag_matching_index_dtypes(monkeypatch):
     conv = nn.Conv2d(16, 3, 1)
     mc_dropout_linear_std(x, conv.weight, conv.bias, 3, 0.2, method="sparse")
     assert seen == [(torch.int32, torch.int32)] * 3
+
+
+@pytest.mark.parametrize("mode,source,first", [("naive", "student", "fotf"), ("head", "student", "forward"),
+                                               ("naive", "teacher", "forward")])
+def test_distillation_module_runs_naive_student_sampling_before_the_forward(mode, source, first):
+    # Naive student passes need only the pixels: run before the graph exists, their transient
+    # activations do not stack on the forward's saved ones. Everything else needs head features.
+    from fotf_hf.models.outputs import SegmentationModelOutput
+    from fotf_hf.training import DistillationModule
+
+    order = []
+
+    class Student(FakeStudent):
+        def forward(self, pixel_values):
+            order.append("forward")
+            head_input = self.forward_features(pixel_values)
+            return SegmentationModelOutput(logits=self.classifier(head_input), head_input=head_input)
+
+    class Recording(FOTF):
+        def forward(self, *args, **kwargs):
+            order.append("fotf")
+            return super().forward(*args, **kwargs)
+
+    class Criterion(nn.Module):
+        def forward(self, inputs):
+            assert inputs.weights.kd.shape == (2, 4, 1, 1)  # channel merge at the logits' resolution
+            return {"kd": (inputs.student_logits * inputs.weights.kd).mean()}
+
+    student, teacher = Student(), Student()
+    module = DistillationModule(student, Criterion(), Recording(num_samples=3, mode=mode, source=source, apply_to="kd",
+                                                                merge_kd="channel"))
+    x = torch.randn(2, 3, 16, 20)
+    t_out = teacher(x)
+    order.clear()
+    out = module(x, labels=torch.zeros(2, 16, 20, dtype=torch.long), teacher_out=t_out, teacher=teacher)
+    assert order[0] == first and sorted(order) == ["forward", "fotf"], order
+    out.terms["kd"].backward()
+    assert student.classifier.weight.grad is not None

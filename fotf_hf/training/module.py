@@ -35,7 +35,8 @@ class DistillationModule(nn.Module):
     """`student` (a `SegmentationStudent`), an optional `FOTF` object and a criterion, composed.
 
     The forward runs the student once with gradients; FOTF (when configured) resamples only the
-    student's head on the detached cached features, under `no_grad`, to get the weights; the
+    student's head on the detached cached features, under `no_grad`, to get the weights (naive
+    student sampling, which needs only the pixels, runs before the forward instead); the
     criterion turns the tensors into named loss terms. No formula lives here.
     """
 
@@ -52,9 +53,12 @@ class DistillationModule(nn.Module):
         teacher_out: Optional[SegmentationModelOutput] = None,
         teacher: Optional[nn.Module] = None,
     ) -> StepOutput:
+        result = None
+        if self.fotf is not None and not getattr(self.fotf, "needs_head_input", True):
+            # naive student sampling: before the graph exists, so the peaks do not add up
+            result = self.fotf(self.student, None, pixel_values=pixel_values)
         out = self.student(pixel_values)
-        weights, stats = None, {}
-        if self.fotf is not None:
+        if self.fotf is not None and result is None:
             result = self.fotf(
                 self.student,
                 out.head_input.detach(),
@@ -62,7 +66,7 @@ class DistillationModule(nn.Module):
                 teacher=teacher,
                 teacher_head_input=None if teacher_out is None else teacher_out.head_input,
             )
-            weights, stats = result.weights, result.stats
+        weights, stats = (None, {}) if result is None else (result.weights, result.stats)
         inputs = LossInputs(
             student_logits=out.logits,
             labels=labels,
