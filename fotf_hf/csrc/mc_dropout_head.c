@@ -152,7 +152,8 @@ run(const float *restrict x, const float *restrict wt, const float *restrict bas
                 if (t == 0) {
                     /* the first sample is the shift: sigma is exactly 0 where all samples agree, and as
                      * accurate as a two-pass std where they nearly do (predictive_std does the same) */
-                    memcpy(shift, q, sizeof(float) * (size_t)(C * S));
+                    for (int64_t j = 0; j < C; j++)
+                        memcpy(shift + j * S, q + j * S, sizeof(float) * (size_t)rows);
                     continue;
                 }
                 for (int64_t j = 0; j < C; j++)
