@@ -94,6 +94,11 @@ def _check_p(p) -> None:
 _MASK_BITS = 16
 
 
+def _random_words(count: int, generator, device) -> torch.Tensor:
+    """`count` int64 words with all 64 bits i.i.d. uniform (the full signed range), from `generator`."""
+    return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+
+
 def dropout_keep_mask(
     shape,
     p: float,
@@ -121,8 +126,7 @@ def dropout_keep_mask(
     if device is None and generator is not None:
         device = generator.device
     numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: all bits uniform
+    words = _random_words((numel + 3) // 4, generator, device)
     uniform16 = words.view(torch.int16)[:numel].view(tuple(shape))  # uniform on [-2^15, 2^15)
     threshold = round(p * 2**_MASK_BITS) - 2 ** (_MASK_BITS - 1)
     return uniform16 >= threshold
@@ -145,8 +149,7 @@ def _geometric_table(p: float, device: torch.device) -> torch.Tensor:
 
 def _geometric_gaps(count: int, p: float, generator, device) -> torch.Tensor:
     """`count` i.i.d. Geometric(p) variates (trials up to and including a success), int32."""
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), None, generator=generator)  # the full 64-bit range: all bits uniform
+    words = _random_words((count + 3) // 4, generator, device)
     k = words.view(torch.uint16)[:count].int()  # four uniform 16-bit indices per word
     return _geometric_table(float(p), k.device).index_select(0, k)
 
@@ -368,8 +371,7 @@ def _fused(x, w_t, b, num_samples, p, generator, want_logits=False, want_sigma=F
     w_pad = x.new_zeros(D, _mc_kernel.padded_classes(C))
     w_pad[:, :C] = w_t
     base = x @ w_t if b is None else torch.addmm(b, x, w_t)  # (N, C): the no-drop logits
-    seeds = torch.empty(num_samples, dtype=torch.int64, device=x.device)
-    seeds.random_(-(2**63), None, generator=generator)  # one 64-bit stream seed per sample
+    seeds = _random_words(num_samples, generator, x.device)  # one 64-bit stream seed per sample
     return _mc_kernel.mc_dropout_head(
         x.contiguous(), w_pad, base, _geometric_table(float(p), x.device), seeds,
         want_logits=want_logits, want_sigma=want_sigma, correction=correction,

@@ -6,7 +6,6 @@ per segment) and compute the logits and sigma in float64 from the replayed masks
 """
 
 import math
-import os
 import subprocess
 
 import numpy as np
