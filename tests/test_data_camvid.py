@@ -14,8 +14,8 @@ pytestmark = pytest.mark.camvid
 
 def test_camvid_splits_and_pairing(camvid_root):
     dd, info = build_dataset("camvid", root=camvid_root)
-    assert {k: len(v) for k, v in dd.items()} == {"train": 367, "validation": 101}
-    for split, folder in (("train", "train"), ("validation", "val")):
+    assert {k: len(v) for k, v in dd.items()} == {"train": 367, "validation": 101, "test": 233}
+    for split, folder in (("train", "train"), ("validation", "val"), ("test", "test")):
         rows = dd[split].cast_column("image", datasets.Image(decode=False)).cast_column(
             "label", datasets.Image(decode=False)
         )
