@@ -37,7 +37,6 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/fotf_overhead.py
-	$(BIN)/python benchmarks/mc_head_kernel.py
 	$(BIN)/python benchmarks/metrics_speed.py
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/step_overhead.py

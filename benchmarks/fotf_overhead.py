@@ -6,27 +6,31 @@ For each student <- teacher pair (random init; paper's pairs):
     deeplabv3-r18 <- deeplabv3-r101,  pspnet-r18 <- deeplabv3-r101 (paper Table 1's teacher),
     segformer-b0 <- segformer-b1
 
-one training step = teacher forward (eval, no_grad) + student forward (train) + [FOTF weights]
-+ CE (+0.4 aux) + KD + backward + SGD step. Variants: vanilla KD, KD+FOTF in `head` mode
-(resample dropout + classifier on the cached features) for T in --samples, and in `naive` = `full`
-mode (T full student forwards, the paper's Table 6 implementation) for T in --naive-samples.
+one training step = teacher forward (eval, no_grad) + `DistillationModule` (student forward in
+train mode, FOTF weights, CE + 0.4 aux CE + KD) + backward + SGD step. Variants: vanilla KD, and
+KD+FOTF with the student's T passes in each sampling mode for T in --samples: `exact` (the
+default: re-run from the first dropout site on cached features), `classifier` (last dropout +
+classifier only, an approximation) and `naive` (T full student forwards); plus the teacher-side
+row of the paper's Table 6 (`source: teacher`, T = 5, exact and naive passes of the teacher).
 
 Timing: the variants of one pair run interleaved, round-robin, for --repeats rounds of --steps
 steps (after --warmup steps each); a round's time of a variant is the median of its steps, its
 ratio is that time / the same round's vanilla-KD time, and the reported ratio is the median over
-rounds (robust to the load drift of a shared machine). "0" is vanilla KD itself (1.0);
-`noise` reports a second, independent vanilla-KD measurement / the first (the measurement floor).
+rounds (robust to the load drift of a shared machine). `noise` reports a second, independent
+vanilla-KD measurement / the first (the measurement floor).
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` of a few steps; on the CPU the peak
 resident set size (`VmHWM`, see `peak_rss_bytes`) of a fresh subprocess that builds the
 pair and runs --memory-steps steps of one variant; ratio = KD+FOTF (T = --memory-samples) / KD.
 
 Prints ONE JSON object:
-    {"ratio": {"<student>": {"head": {"0": 1.0, "5": r, ...}, "full": {...}, "noise": r}},
-     "step_s": {...}, "peak_memory_ratio": {"<student>": {"head": r, "full": r}}, "settings": {...}}
+    {"ratio": {"<student>": {"exact": {"5": r, ...}, "classifier": {...}, "naive": {...},
+                             "teacher_exact": {"5": r}, "teacher_naive": {"5": r}, "noise": r}},
+     "step_s": {...}, "peak_memory_ratio": {"<student>": {"exact": r, "classifier": r, "naive": r}},
+     "settings": {... "cpu_flags": [...]}}
 
-Targets (CPU, batch 4 x 3 x 180 x 240): head T=5 <= 1.03 (DeepLabV3/PSPNet), <= 1.05 (SegFormer-B0),
-head T=20 <= 1.10.
+Targets (CPU, batch 4 x 3 x 180 x 240, exact mode): T=5 <= 1.05 and T=20 <= 1.15 for DeepLabV3-R18
+and PSPNet-R18; SegFormer-B0 as measured. Peak memory <= 1.10 in every mode.
 
     python benchmarks/fotf_overhead.py                       # full run (tens of minutes on 2 cores)
     python benchmarks/fotf_overhead.py --quick               # small smoke settings
@@ -58,9 +62,7 @@ NUM_LABELS = 19
 
 
 def build_pair(name: str, quick: bool, seed: int = 0):
-    """Student and teacher `SegmentationStudent`s (random init), plus the loss modules."""
-    from fotf_hf.losses.ce import CELoss
-    from fotf_hf.losses.kd import KDLoss
+    """Student and teacher `SegmentationStudent`s (random init)."""
     from fotf_hf.models import SegmentationStudent, create_model
 
     (s_arch, s_bb), (t_arch, t_bb) = PAIRS[name]
@@ -71,28 +73,34 @@ def build_pair(name: str, quick: bool, seed: int = 0):
     teacher = SegmentationStudent(create_model(t_arch, t_bb, num_labels=NUM_LABELS, mc_dropout_p=0.1)).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
-    return student, teacher, CELoss(), KDLoss()
+    return student, teacher
 
 
-def make_step(student, teacher, ce, kd, fotf, lr=0.01):
-    from fotf_hf.losses.base import LossInputs
+class _KDCriterion(torch.nn.Module):
+    """CE (+0.4 aux) + pixel KD, the terms of the paper's vanilla-KD step."""
 
+    def __init__(self):
+        super().__init__()
+        from fotf_hf.losses.ce import CELoss
+        from fotf_hf.losses.kd import KDLoss
+
+        self.ce, self.kd = CELoss(), KDLoss()
+
+    def forward(self, inputs):
+        return {**self.ce(inputs), **self.kd(inputs)}
+
+
+def make_step(student, teacher, fotf, lr=0.01):
+    """One training step through `DistillationModule`, exactly as the training loop composes it."""
+    from fotf_hf.training import DistillationModule
+
+    module = DistillationModule(student, _KDCriterion(), fotf)
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
 
     def step(pixel_values, labels):
         with torch.no_grad():
             t_out = teacher(pixel_values)
-        weights = None
-        if fotf is not None and not fotf.needs_head_input:  # as DistillationModule: naive passes first
-            weights = fotf(student, None, pixel_values=pixel_values).weights
-        out = student(pixel_values)
-        if fotf is not None and weights is None:
-            weights = fotf(student, out.head_input.detach(), pixel_values=pixel_values).weights
-        inputs = LossInputs(
-            student_logits=out.logits, labels=labels, student_aux_logits=out.aux_logits,
-            teacher_logits=t_out.logits, weights=weights,
-        )
-        loss = sum(ce(inputs).values()) + sum(kd(inputs).values())
+        loss = sum(module(pixel_values, labels, teacher_out=t_out, teacher=teacher).terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -101,18 +109,32 @@ def make_step(student, teacher, ce, kd, fotf, lr=0.01):
     return step
 
 
-def make_fotf(mode: str, samples: int):
-    from fotf_hf.uncertainty import FOTF
+def make_fotf(mode: str, samples: int, source: str = "student"):
+    from fotf_hf.fotf import FOTF, FotfConfig
 
-    # paper defaults: channel-merged KD weights + pixel-merged CE weights, p = 0.1
-    return FOTF(num_samples=samples, p=None, kappa=5.0, apply_to="both", mode=mode)
+    # the literal-reading defaults (per_pixel KD, per_class CE), each site's own dropout rate
+    return FOTF(FotfConfig(enabled=True, num_samples=samples, kappa=5.0, apply_to="both", mode=mode, source=source))
 
 
-def variants(samples, naive_samples):
+MODES = ("exact", "classifier", "naive")
+
+
+def variants(samples, teacher_samples):
     out = [("kd", None, 0), ("kd_again", None, 0)]
-    out += [("head", "head", t) for t in samples]
-    out += [("full", "naive", t) for t in naive_samples]
+    out += [(mode, mode, t) for mode in MODES for t in samples]
+    out += [(f"teacher_{mode}", mode, t) for mode in ("exact", "naive") for t in teacher_samples]
     return out
+
+
+def cpu_flags():
+    """The CPU's SIMD flags that decide fp32/bf16 speed (from /proc/cpuinfo; empty elsewhere)."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return []
+    for line in info.read_text().splitlines():
+        if line.startswith("flags"):
+            return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
+    return []
 
 
 def batch(args, device):
@@ -130,13 +152,14 @@ def sync(device):
 
 
 def time_pair(name, args, device):
-    student, teacher, ce, kd = build_pair(name, args.quick)
+    student, teacher = build_pair(name, args.quick)
     student.to(device)
     teacher.to(device)
     x, y = batch(args, device)
     steps = {}
-    for key, mode, t in variants(args.samples, args.naive_samples):
-        steps[(key, t)] = make_step(student, teacher, ce, kd, None if mode is None else make_fotf(mode, t))
+    for key, mode, t in variants(args.samples, args.teacher_samples):
+        source = "teacher" if key.startswith("teacher_") else "student"
+        steps[(key, t)] = make_step(student, teacher, None if mode is None else make_fotf(mode, t, source))
     # All variants share one student: its weights drift a little over the run, identically for all.
     for fn in steps.values():
         for _ in range(args.warmup):
@@ -153,10 +176,10 @@ def time_pair(name, args, device):
                 times.append(time.perf_counter() - t0)
             rounds[k].append(statistics.median(times))
     base = rounds[("kd", 0)]
-    ratio = {"head": {"0": 1.0}, "full": {"0": 1.0}}
+    ratio = {}
     for (key, t), times in rounds.items():
-        if key in ("head", "full"):
-            ratio[key][str(t)] = round(statistics.median(a / b for a, b in zip(times, base)), 4)
+        if key not in ("kd", "kd_again"):
+            ratio.setdefault(key, {})[str(t)] = round(statistics.median(a / b for a, b in zip(times, base)), 4)
     ratio["noise"] = round(statistics.median(a / b for a, b in zip(rounds[("kd_again", 0)], base)), 4)
     step_s = {f"{k}{'' if t == 0 else '_T' + str(t)}": round(statistics.median(v), 4) for (k, t), v in rounds.items()}
     return ratio, step_s
@@ -182,12 +205,12 @@ def peak_rss_bytes() -> int:
 def peak_memory_child(args) -> int:
     """Run in a fresh process: build the pair, run a few steps of one variant, print peak memory (bytes)."""
     device = torch.device(args.device)
-    student, teacher, ce, kd = build_pair(args.pairs[0], args.quick)
+    student, teacher = build_pair(args.pairs[0], args.quick)
     student.to(device)
     teacher.to(device)
     x, y = batch(args, device)
-    mode = {"kd": None, "head": "head", "full": "naive"}[args.memory_variant]
-    fn = make_step(student, teacher, ce, kd, None if mode is None else make_fotf(mode, args.memory_samples))
+    mode = None if args.memory_variant == "kd" else args.memory_variant
+    fn = make_step(student, teacher, None if mode is None else make_fotf(mode, args.memory_samples))
     if device.type == "cuda":
         fn(x, y)
         torch.cuda.reset_peak_memory_stats()
@@ -203,7 +226,7 @@ def peak_memory_child(args) -> int:
 
 def peak_memory(name, args):
     out = {}
-    for variant in ("kd", "head", "full"):
+    for variant in ("kd",) + MODES:
         cmd = [sys.executable, __file__, "--_memory-child", variant, "--pairs", name, "--device", args.device,
                "--batch", str(args.batch), "--size", *map(str, args.size), "--memory-steps", str(args.memory_steps),
                "--memory-samples", str(args.memory_samples), "--threads", str(torch.get_num_threads())]
@@ -211,16 +234,16 @@ def peak_memory(name, args):
             cmd.append("--quick")
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[variant] = json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
-    return {"head": round(out["head"] / out["kd"], 4), "full": round(out["full"] / out["kd"], 4),
-            "kd_peak_mib": round(out["kd"] / 2**20, 1)}
+    return {**{mode: round(out[mode] / out["kd"], 4) for mode in MODES}, "kd_peak_mib": round(out["kd"] / 2**20, 1)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--samples", type=int, nargs="+", default=[5, 10, 20], help="T values (0 = vanilla KD, implied)")
-    parser.add_argument("--naive-samples", type=int, nargs="*", default=[5, 10, 20],
-                        help="T values of the naive (T full forwards) variant; each costs ~T student forwards")
+    parser.add_argument("--samples", type=int, nargs="+", default=[5, 10, 20],
+                        help="T values of every student mode (vanilla KD is always included)")
+    parser.add_argument("--teacher-samples", type=int, nargs="*", default=[5],
+                        help="T values of the teacher-side rows (paper Table 6)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, nargs=2, default=[180, 240], metavar=("H", "W"))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
@@ -239,11 +262,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.batch, args.size, args.samples, args.naive_samples = 2, [64, 96], [5, 20], [5]
+        args.batch, args.size, args.samples, args.teacher_samples = 2, [64, 96], [5, 20], [5]
         args.steps, args.warmup, args.repeats, args.memory_steps = 1, 1, 2, 1
-    if any(t < 2 for t in args.samples + args.naive_samples):
-        parser.error(f"--samples {args.samples} / --naive-samples {args.naive_samples}: every T must be >= 2 "
-                     f"(T = 0 is vanilla KD and always included)")
+    if any(t < 2 for t in args.samples + args.teacher_samples):
+        parser.error(f"--samples {args.samples} / --teacher-samples {args.teacher_samples}: every T must be >= 2 "
+                     f"(vanilla KD is always included)")
     if args.memory_variant is not None:
         return peak_memory_child(args)
 
@@ -261,10 +284,10 @@ def main(argv=None) -> int:
         "settings": {
             "device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__, "batch": args.batch, "size": args.size, "samples": args.samples,
-            "naive_samples": args.naive_samples, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
+            "teacher_samples": args.teacher_samples, "cpu_flags": cpu_flags(), "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
             "teachers": {n: "-".join(PAIRS[n][0] if args.quick else PAIRS[n][1]) for n in args.pairs},
-            "fotf": {"p": "model's mc_dropout_p (0.1)", "kappa": 5.0, "apply_to": "both", "merge_kd": "channel",
-                     "merge_ce": "pixel"},
+            "fotf": {"p": "each site's own (DeepLabV3 ASPP 0.5 + head 0.1, others 0.1)", "kappa": 5.0,
+                     "apply_to": "both", "merge_kd": "per_pixel", "merge_ce": "per_class"},
             "precision": "fp32", "init": "random",
             "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"
             else "peak RSS (VmHWM) of a fresh subprocess per variant",

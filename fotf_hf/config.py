@@ -10,7 +10,7 @@ data: {name: camvid, root: ../shared/datasets/camvid, crop_size: [360, 360]}
 method: {name: kd}
 fotf: {enabled: true, kappa: 10, m: 10}
 optim: {lr: 0.02, max_steps: 40000, batch_size: 16}
-run: {output_dir: outputs/kd_fotf, mixed_precision: bf16}
+run: {output_dir: outputs/kd_fotf, mixed_precision: auto}
 ```
 
 Command-line overrides use dotted keys, either `--fotf.kappa 5` or `--set fotf.kappa=5`
@@ -31,17 +31,15 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .fotf import FotfConfig
+
 ARCHS = ("deeplabv3", "pspnet", "segformer")
 METHODS = ("ce", "kd", "cirkd", "afdcd", "skd", "ifvd", "cwd")
 DATASETS = ("synthetic-streets", "camvid", "cityscapes", "voc", "hub")
 NORMALIZATIONS = ("imagenet", "cirkd_bgr")
-WEIGHTINGS = ("power", "exp")
-MERGES = ("none", "pixel", "channel", "sample")
-APPLY_TO = ("kd", "ce", "both")
-MC_MODES = ("head", "naive")
-UNCERTAINTY_SOURCES = ("student", "teacher")
 OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("no", "fp16", "bf16")
+# `auto` follows the hardware at the start of training: `fotf_hf.training.precision.resolve_mixed_precision`.
+PRECISIONS = ("no", "fp16", "bf16", "auto")
 BAD_SAMPLE_POLICIES = ("raise", "skip")
 
 
@@ -122,35 +120,6 @@ class MethodConfig:
 
 
 @dataclass
-class FotfConfig:
-    """Focus on the Fog: student MC-dropout uncertainty weights (paper eq. 6-8).
-
-    Args:
-        enabled: add FOTF weights to the method's KD and/or CE terms.
-        num_samples: T stochastic passes (>= 2).
-        p: dropout probability of the MC passes (None = the model's own `mc_dropout_p`).
-        m, kappa: weighting `(1 + m*sigma)^kappa` or `exp(kappa*m*sigma)`.
-        weighting: one of `WEIGHTINGS`.
-        merge_kd, merge_ce: one of `MERGES` (named after what remains; see `uncertainty_weights`).
-        apply_to: one of `APPLY_TO`.
-        mode: `head` (resample only the head on cached features) or `naive` (T full forwards).
-        source: `student` (FOTF) or `teacher` (paper Fig. 1b, Table 6 comparison).
-    """
-
-    enabled: bool = False
-    num_samples: int = 5
-    p: Optional[float] = None
-    m: float = 1.0
-    kappa: float = 1.0
-    weighting: str = "power"
-    merge_kd: str = "channel"
-    merge_ce: str = "pixel"
-    apply_to: str = "both"
-    mode: str = "head"
-    source: str = "student"
-
-
-@dataclass
 class OptimConfig:
     """Optimiser and iteration-based poly schedule `lr * (1 - step/max_steps)^power`.
 
@@ -174,7 +143,8 @@ class RunConfig:
 
     output_dir: str = "outputs/run"
     seed: int = 0
-    mixed_precision: str = "no"
+    # `choices` lets an unquoted YAML `no` (read as False) reach this str field as "no" (see `_coerce`).
+    mixed_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     eval_every: int = 800
     save_every: int = 800
     log_every: int = 10
@@ -274,7 +244,11 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def _coerce(value: Any, tp, where: str):
+# The unquoted words YAML 1.1 (PyYAML's safe_load) reads as booleans, by the boolean they become.
+_YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _coerce(value: Any, tp, where: str, choices: typing.Sequence[str] = ()):
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -282,6 +256,19 @@ def _coerce(value: Any, tp, where: str):
         raise ConfigError(f"{where} may not be null")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
+    if tp is str and isinstance(value, bool):
+        # YAML turned an unquoted word into a bool (`mixed_precision: no` -> False). Take it back as
+        # that word only when exactly one of the field's declared `choices` (dataclass field metadata)
+        # is a YAML spelling of this bool: False -> "no" for run.mixed_precision. Any other str field
+        # (no choices, or none spelled so) still rejects the bool, with a hint to quote it.
+        words = [c for c in choices if c.lower() in _YAML_BOOL_WORDS[value]]
+        if len(words) == 1:
+            return words[0]
+        hint = f"; choose one of: {', '.join(choices)}" if choices else ""
+        raise ConfigError(
+            f"{where} = {value!r} is not a valid str: YAML reads unquoted yes/no/on/off/true/false as a "
+            f"boolean, quote the value{hint}"
+        )
     origin = typing.get_origin(tp)
     try:
         if tp is bool:
@@ -299,7 +286,7 @@ def _coerce(value: Any, tp, where: str):
                 raise ValueError
             return float(value)
         if tp is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            if not isinstance(value, (str, int, float)):
                 raise ValueError
             return str(value)
         if origin in (list, List):
@@ -323,6 +310,7 @@ def _build(cls, data: Any, where: str):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
     types_ = _field_types(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
+    choices = {f.name: f.metadata.get("choices", ()) for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in types_:
@@ -331,7 +319,7 @@ def _build(cls, data: Any, where: str):
                 f"unknown config key '{prefix}{key}'{_suggest(key, valid)}; valid keys"
                 f"{' of ' + where if where else ''}: {', '.join(valid)}"
             )
-        kwargs[key] = _coerce(value, types_[key], f"{where}.{key}" if where else key)
+        kwargs[key] = _coerce(value, types_[key], f"{where}.{key}" if where else key, choices[key])
     return cls(**kwargs)
 
 
@@ -420,20 +408,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(mth.kd_temperature > 0, f"method.kd_temperature = {mth.kd_temperature} must be > 0")
     f = cfg.fotf
     if f.enabled:
-        _check(f.num_samples >= 2, f"fotf.num_samples = {f.num_samples} must be >= 2 (the standard deviation needs two samples)")
-        _check(f.p is None or 0.0 < f.p < 1.0, f"fotf.p = {f.p} must be in (0, 1)")
-        _check(f.m > 0, f"fotf.m = {f.m} must be > 0")
-        _check(f.kappa > 0, f"fotf.kappa = {f.kappa} must be > 0")
-        _choice(f.weighting, WEIGHTINGS, "fotf.weighting")
-        _choice(f.merge_kd, MERGES, "fotf.merge_kd")
-        _choice(f.merge_ce, MERGES, "fotf.merge_ce")
-        _choice(f.apply_to, APPLY_TO, "fotf.apply_to")
-        _choice(f.mode, MC_MODES, "fotf.mode")
-        _choice(f.source, UNCERTAINTY_SOURCES, "fotf.source")
+        try:
+            f.validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if mth.name == "ce" and f.apply_to == "kd":
             raise ConfigError("fotf.apply_to = 'kd' with method.name = 'ce' weights nothing: use apply_to 'ce' (paper Table 2)")
-        p = f.p if f.p is not None else cfg.student.mc_dropout_p
-        _check(p > 0, "FOTF needs dropout: set student.mc_dropout_p (or fotf.p) > 0; the model has no active dropout site")
     o = cfg.optim
     _choice(o.optimizer, OPTIMIZERS, "optim.optimizer")
     _check(o.lr > 0, f"optim.lr = {o.lr} must be > 0")

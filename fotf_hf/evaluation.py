@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import SegmentationMetrics
+from .models import SegmentationStudent, eval_mode, module_device
+from .viz import reliability_diagram
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +38,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _module_device(module, fallback: Optional[torch.device] = None) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return fallback or torch.device("cpu")
-
-
-@contextmanager
-def _eval_mode(module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards.
-
-    Per-module restore, not `module.train(previous)`: a training student may hold submodules that
-    are deliberately in eval mode (frozen BN, a frozen teacher inside a wrapper).
-    """
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _is_prepared(loader) -> bool:
@@ -133,12 +112,17 @@ def _predict(
         per_scale = None
         for view, flipped in views:
             if mc_samples:
-                head_input = student.forward_features(view).head_input
-                # (T, B, C, h, w)
-                samples = student.sample_logits(head_input, mc_samples, generator=generator)
-                with torch.autocast(device_type=view.device.type, enabled=False):
-                    # One sample at a time at full resolution: T x B x C x H x W would not fit for Cityscapes.
-                    pred = sum(torch.softmax(_upsample(s, size), dim=1) for s in samples) / mc_samples
+                # T exact MC-dropout passes from the first dropout site (see SegmentationStudent.sample_logits)
+                samples = student.sample_logits(mc_samples, features=student.forward_features(view),
+                                                generator=generator)
+                pred = 0.0
+                # One sample at a time at full resolution: T x B x C x H x W would not fit for Cityscapes.
+                # The passes are drawn lazily: each runs here, under the caller's autocast like the
+                # forward above, not inside the fp32 block (bf16 features into fp32 layers fail).
+                for s in samples:
+                    with torch.autocast(device_type=view.device.type, enabled=False):
+                        pred = pred + torch.softmax(_upsample(s, size), dim=1)
+                pred = pred / mc_samples
             else:
                 logits = student(view).logits
                 with torch.autocast(device_type=view.device.type, enabled=False):
@@ -184,8 +168,8 @@ def evaluate_model(
 
     Args:
         student: a `SegmentationStudent` (or anything with its interface): `student(x).logits`
-            `(B, C, h, w)`; for MC dropout also `forward_features(x).head_input` `(B, D, h, w)` and
-            `sample_logits(head_input, T, generator=...)` `(T, B, C, h, w)`. Not DDP-wrapped (pass
+            `(B, C, h, w)`; for MC dropout also `forward_features(x)` and
+            `sample_logits(T, features=..., generator=...)` (T logits `(B, C, h, w)`). Not DDP-wrapped (pass
             `accelerator.unwrap_model(...)`); evaluated under `no_grad` in eval mode, and every
             submodule's train/eval flag is restored afterwards.
         loader: yields `{"pixel_values": (B, 3, H, W), "labels": (B, H, W) int64}`; a plain
@@ -197,7 +181,8 @@ def evaluate_model(
         scales: input scale factors (bilinear, `align_corners=True`); the upsampled logits are
             averaged over scales (CIRKD `--scales`).
         mc_samples: 0 = deterministic prediction; T >= 2 = MC-dropout predictive mean: the softmax of
-            T head-only dropout samples (each upsampled first), averaged; metrics (argmax and
+            T exact MC-dropout passes (every dropout site of the prediction path; each upsampled
+            first), averaged; metrics (argmax and
             confidence) are taken on that mean probability.
         ignore_index: label value excluded from every metric.
         ece_bins: equal-width confidence bins of the ECE (10 in the paper).
@@ -236,7 +221,7 @@ def evaluate_model(
     scales = _check_options(scales, mc_samples)
     if num_classes is None:
         num_classes = int(student.num_labels)
-    device = _module_device(student, getattr(accelerator, "device", None))
+    device = module_device(student, getattr(accelerator, "device", None))
     metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index, ece_bins=ece_bins, device=device)
 
     world = 1 if accelerator is None else int(accelerator.num_processes)
@@ -253,7 +238,7 @@ def evaluate_model(
         else:
             loader = _shard_without_padding(loader, world, int(accelerator.process_index))
 
-    with _eval_mode(student), torch.no_grad():
+    with eval_mode(student), torch.no_grad():
         for batch in loader:
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
@@ -315,7 +300,6 @@ def load_student(model: Union[str, os.PathLike, Any]):
     """A `SegmentationStudent` from a saved folder or Hub id, a `PreTrainedModel`, or a student as is."""
     if hasattr(model, "sample_logits") and hasattr(model, "num_labels"):
         return model
-    from .models import SegmentationStudent
 
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForSemanticSegmentation
@@ -464,7 +448,6 @@ def run_evaluation(
         print(format_metrics_table(metrics, id2label))
     if main and write_outputs:
         from .hub import write_model_card
-        from .viz import reliability_diagram
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

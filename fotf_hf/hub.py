@@ -152,6 +152,7 @@ def _pct(value: Any) -> str:
 def _fotf_rows(fotf: Any) -> Optional[List[Dict[str, str]]]:
     if fotf is None:
         return None
+    fotf = getattr(fotf, "config", fotf)  # a FOTF module holds its settings in `.config` (a FotfConfig)
     get = fotf.get if isinstance(fotf, Mapping) else (lambda k, d=None: getattr(fotf, k, d))
     if get("enabled", True) is False:
         return None
@@ -212,7 +213,7 @@ def build_model_card(
         dataset_name: the dataset (`build_dataset` name or Hub id), the model-index `dataset.type`.
         split: evaluated split (model-index `dataset.split`).
         method: e.g. `kd+fotf`; teacher / base_model: checkpoint names or folders (drive the licence).
-        fotf: FOTF settings (a dict like `asdict(FotfConfig)`, a `FOTF` module) or None.
+        fotf: FOTF settings (a dict like `asdict(FotfConfig)`, a `FotfConfig`, a `FOTF` module) or None.
         steps: optimisation steps; command: the command that reproduces the run.
         id2label: class names for the per-class table (default: class ids).
         model_name: the model-index name and the card's title.

@@ -1,8 +1,8 @@
 """Pictures: uncertainty panels, reliability diagrams and t-SNE of distillation features (matplotlib, Agg).
 
 - `write_uncertainty_panels`: per validation image, image | ground truth | prediction | student
-  sigma (eq. 6, mean over classes) | FOTF weight (eq. 7, merge `pixel`). The training loop calls it
-  after every evaluation.
+  sigma (eq. 6, mean over classes) | FOTF weight (eq. 7), both from the run's `FotfResult`. The
+  training loop calls it after every evaluation.
 - `reliability_diagram`: accuracy per confidence bin against the diagonal, from the
   `SegmentationMetrics` accumulators (no per-pixel data).
 - `tsne_figure`: t-SNE (scikit-learn) of the students' `embedding` on sampled labelled pixels,
@@ -14,6 +14,7 @@ never sees half a file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -29,6 +30,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from .data import denormalize  # noqa: E402
+from .fotf import FOTF, FotfConfig, FotfResult  # noqa: E402
+from .models import eval_mode, module_device  # noqa: E402
+
 __all__ = [
     "colorize",
     "palette_for",
@@ -38,8 +43,6 @@ __all__ = [
     "write_uncertainty_panels",
 ]
 
-# p of the MC passes when neither FOTF nor the model names one (the paper's value).
-DEFAULT_MC_P = 0.1
 
 
 def palette_for(num_classes: int, info=None) -> np.ndarray:
@@ -138,13 +141,21 @@ def reliability_diagram(
 # --------------------------------------------------------------------------- uncertainty panels
 
 
-def _fotf_params(fotf) -> Tuple[float, float, str, Optional[float], bool]:
-    """(m, kappa, weighting, p, from_fotf) from a `FOTF` module, a config dict/dataclass, or None."""
+def _panel_fotf(fotf, student) -> Tuple["FOTF", bool]:
+    """The run's FOTF with student-side sigma (panels show the student), or the defaults when off
+    (with p = 0.1, the paper's rate, for a student trained without any dropout)."""
     if fotf is None:
-        return 1.0, 1.0, "power", None, False
-    get = fotf.get if isinstance(fotf, Mapping) else (lambda k, d=None: getattr(fotf, k, d))
-    m, kappa, weighting = float(get("m", 1.0)), float(get("kappa", 1.0)), str(get("weighting", "power"))
-    return m, kappa, weighting, get("p", None), True
+        active = any(site.p > 0 for site in student.mc_dropout_sites())
+        return FOTF(FotfConfig(enabled=True, p=None if active else 0.1)), False
+    config = fotf.config if isinstance(fotf, FOTF) else fotf
+    return FOTF(dataclasses.replace(config, enabled=True, source="student")), True
+
+
+def _weight_map(result: FotfResult) -> Tuple[torch.Tensor, str]:
+    """`(1, 1, h, w)` map of the CE weight (else the KD weight), averaged over classes, and its merge name."""
+    weights = result.weights
+    weight, term = (weights.ce, "CE") if weights.ce is not None else (weights.kd, "KD")
+    return weight.expand_as(result.sigma[:1]).mean(1, keepdim=True), term
 
 
 @torch.no_grad()
@@ -156,7 +167,6 @@ def write_uncertainty_panels(
     step: int = 0,
     num_images: int = 2,
     fotf=None,
-    num_samples: int = 5,
     normalization: str = "imagenet",
     device: Optional[Union[str, torch.device]] = None,
     panel_width: float = 2.6,
@@ -167,7 +177,7 @@ def write_uncertainty_panels(
     """One PNG per validation image: image | ground truth | prediction | sigma | FOTF weight.
 
     Args:
-        student: a `SegmentationStudent` (`forward` -> `logits`, `head_input`; `sample_std` or `sample_logits`).
+        student: a `SegmentationStudent`.
         eval_set: transformed validation dataset; item i is `{"pixel_values": (3, H, W), "labels": (H, W)}`.
             `num_images` items evenly spread over the set are drawn (the first, the last, and
             between): validation sets of video frames (CamVid) start with near-identical images.
@@ -176,10 +186,8 @@ def write_uncertainty_panels(
         out_dir: folder of the PNGs (created).
         step: training step, part of the file names `step_{step:07d}_{i:02d}.png`.
         num_images: N images (at most `len(eval_set)`).
-        fotf: the run's `FOTF` module (or a dict with m / kappa / weighting / p): the weight map uses
-            its m, kappa and weighting with merge `pixel`, and its p for the MC passes. None: the
-            map is drawn with m = 1, kappa = 1, `power` (the title says so).
-        num_samples: T MC-dropout samples (>= 2) for sigma.
+        fotf: the run's `FOTF` (or its `FotfConfig`): sigma and the weight are its `FotfResult` for
+            the image, from the student. None: `FotfConfig()` defaults (the title says FOTF is off).
         normalization: how `pixel_values` were normalised (to show the image).
         device: where to run the student (default: where its parameters are).
         panel_width: inches per panel; the PNG is `round(5 * panel_width * dpi)` pixels wide and
@@ -193,54 +201,45 @@ def write_uncertainty_panels(
         the written PNG paths, in image order; file `step_{step:07d}_{k:02d}.png` is the k-th image
         drawn, and its title names the dataset index.
 
-    Sigma is the per-pixel, per-class std over the T softmax samples (`mc_dropout_std`, eq. 6) of
-    head-only MC dropout, averaged over classes (the `pixel` merge), at the logit resolution and
-    upsampled for display; the prediction is the deterministic (dropout-off) argmax.
+    The student runs in eval mode: the prediction is the deterministic argmax, sigma (eq. 6,
+    averaged over classes for display) comes from the FOTF config's T passes and mode, and the
+    weight map is the CE weight (else the KD weight) of that `FotfResult`, averaged over classes.
+    Maps live at the logit resolution and are upsampled for display.
     """
-    from .data import denormalize
-    from .evaluation import _eval_mode, _module_device
-    from .uncertainty import mc_dropout_std, uncertainty_weights
-
     out_dir = Path(out_dir)
-    m, kappa, weighting, p, from_fotf = _fotf_params(fotf)
-    own_p = getattr(student, "mc_dropout_p", None)
-    note = ""
-    if p is None and not (own_p and own_p > 0):
-        p, note = DEFAULT_MC_P, f" (model has no dropout; p = {DEFAULT_MC_P})"
-    p_shown = p if p is not None else own_p
-    device = torch.device(device) if device is not None else _module_device(student)
+    fotf, from_run = _panel_fotf(fotf, student)
+    c = fotf.config
+    device = torch.device(device) if device is not None else module_device(student)
     num_classes = int(student.num_labels)
     palette = palette_for(num_classes, info)
     ignore_index = getattr(info, "ignore_index", 255)
     ignore_color = getattr(info, "ignore_color", (0, 0, 0))
-    weight_name = "(1+m*sigma)^kappa" if weighting == "power" else "exp(kappa*m*sigma)"
-    weight_title = (f"FOTF weight {weight_name}\nm={m:g}, kappa={kappa:g}, merge pixel" if from_fotf
-                    else f"weight {weight_name}\nFOTF off: m=1, kappa=1")
+    weight_name = "(1+m*sigma)^kappa" if c.weighting == "power" else "exp(kappa*m*sigma)"
+    rate = "model's own p" if c.p is None else f"p={c.p:g}"
 
     if indices is None:
         count = min(int(num_images), len(eval_set))
         indices = sorted({round(float(v)) for v in np.linspace(0, len(eval_set) - 1, count)}) if count > 0 else []
     generator = torch.Generator(device=device).manual_seed(int(seed))
     paths: List[Path] = []
-    with _eval_mode(student):
+    with eval_mode(student):
         for k, i in enumerate(indices):
             sample = eval_set[int(i)]
             x = torch.as_tensor(sample["pixel_values"]).unsqueeze(0).to(device)
             labels = torch.as_tensor(sample["labels"])
             size = tuple(labels.shape[-2:])
             out = student(x)
-            head_input = getattr(out, "head_input", None)
-            if head_input is None:
-                head_input = student.forward_features(x).head_input
+            result = fotf(student, out, pixel_values=x, generator=generator)
+            weight, term = _weight_map(result)
             with torch.autocast(device_type=device.type, enabled=False):
                 logits = F.interpolate(out.logits.float(), size=size, mode="bilinear", align_corners=True)
                 pred = logits.argmax(1)[0].cpu().numpy()
-                sigma = mc_dropout_std(student, head_input, num_samples, p=p, mode="head",
-                                       generator=generator)  # (1, C, h, w)
-                weight = uncertainty_weights(sigma, m=m, kappa=kappa, weighting=weighting, merge="pixel")
-                sigma_map = F.interpolate(sigma.mean(1, keepdim=True), size=size, mode="bilinear",
+                sigma_map = F.interpolate(result.sigma.mean(1, keepdim=True), size=size, mode="bilinear",
                                           align_corners=True)
                 weight_map = F.interpolate(weight, size=size, mode="bilinear", align_corners=True)
+            merge = c.merge_ce if term == "CE" else c.merge_kd
+            weight_title = (f"FOTF {term} weight {weight_name}\nm={c.m:g}, kappa={c.kappa:g}, {merge}" if from_run
+                            else f"weight {weight_name}\nFOTF off: m=1, kappa=1, {merge}")
 
             h, w = size
             fig, axes = plt.subplots(1, 5, figsize=(5 * panel_width, panel_width * h / w + 0.8))
@@ -250,7 +249,7 @@ def write_uncertainty_panels(
                 (colorize(labels.numpy(), palette, ignore_index, ignore_color), "ground truth", {}),
                 (colorize(pred, palette, ignore_index, ignore_color), "prediction", {}),
                 (sigma_map[0, 0].cpu().numpy(),
-                 f"student sigma (mean over classes)\nT={num_samples}, p={p_shown:g}{note}",
+                 f"student sigma (mean over classes)\nT={c.num_samples}, {c.mode}, {rate}",
                  {"cmap": "magma", "vmin": 0.0}),
                 (weight_map[0, 0].cpu().numpy(), weight_title, {"cmap": "viridis", "vmin": 1.0}),
             ]
@@ -289,12 +288,11 @@ def tsne_embeddings(
     Returns:
         `features (N, D)` float32 and `labels (N,)` int64, N <= C * points_per_class.
     """
-    from .evaluation import _eval_mode, _module_device
 
-    device = torch.device(device) if device is not None else _module_device(student)
+    device = torch.device(device) if device is not None else module_device(student)
     gen = torch.Generator().manual_seed(seed)
     feats: Dict[int, List[torch.Tensor]] = {}
-    with _eval_mode(student):
+    with eval_mode(student):
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break

@@ -53,13 +53,14 @@ def test_yaml_scientific_notation_string_is_coerced(tmp_path):
         (["--fotf.kapa", "5"], "did you mean 'kappa'"),
         (["--methd.name", "kd"], "did you mean 'method'"),
         (["--method.name", "kdd"], "choose one of: ce, kd, cirkd, afdcd, skd, ifvd, cwd"),
-        (["--fotf.enabled", "true", "--fotf.num_samples", "1"], "must be >= 2"),
-        (["--fotf.enabled", "true", "--fotf.kappa", "0"], "fotf.kappa = 0.0 must be > 0"),
-        (["--fotf.enabled", "true", "--fotf.m", "-1"], "fotf.m = -1.0 must be > 0"),
-        (["--fotf.enabled", "true", "--fotf.p", "1.5"], r"fotf.p = 1.5 must be in \(0, 1\)"),
-        (["--fotf.enabled", "true", "--fotf.merge_kd", "pixels"], "did you mean 'pixel'"),
+        (["--fotf.enabled", "true", "--fotf.num_samples", "1"], "fotf.num_samples = 1 must be an integer >= 2"),
+        (["--fotf.enabled", "true", "--fotf.kappa", "0"], "fotf.kappa = 0.0 must be a finite number > 0"),
+        (["--fotf.enabled", "true", "--fotf.m", "-1"], "fotf.m = -1.0 must be a finite number > 0"),
+        (["--fotf.enabled", "true", "--fotf.p", "1.5"], r"fotf.p = 1.5 must be null .* or in \(0, 1\)"),
+        (["--fotf.enabled", "true", "--fotf.merge_kd", "pixels"],
+         "fotf.merge_kd = 'pixels' is not valid; choose one of: none, per_pixel, per_class, per_image, batch_mean"),
+        (["--fotf.enabled", "true", "--fotf.mode", "head"], "fotf.mode = 'head' is not valid; choose one of: exact, naive, classifier"),
         (["--fotf.enabled", "true", "--fotf.weighting", "linear"], "choose one of: power, exp"),
-        (["--fotf.enabled", "true", "--student.mc_dropout_p", "0"], "no active dropout site"),
         (["--optim.lr", "abc"], "optim.lr = 'abc' is not a valid float"),
         (["--optim.max_steps", "0"], "optim.max_steps = 0 must be >= 1"),
         (["--data.name", "camvidd"], "did you mean 'camvid'"),
@@ -85,3 +86,57 @@ def test_saved_config_reloads_identically(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+# The paper's merge words read two ways (see fotf_hf/fotf.py): the config refuses them and shows
+# the mapping, literal reading first.
+PAPER_WORD_ROWS = {"channel": r"channel\s+-> per_pixel\b.*\bper_class", "pixel": r"pixel\s+-> per_class\b.*\bper_pixel",
+                   "sample": r"sample\s+-> batch_mean\b.*\bper_image"}
+
+
+def _assert_mapping_message(message, field, word):
+    import re
+
+    assert f"fotf.{field} = {word!r}" in message
+    for row in PAPER_WORD_ROWS.values():  # the whole table, whichever word was given
+        assert re.search(row, message), (row, message)
+    assert "none, per_pixel, per_class, per_image, batch_mean" in message
+
+
+@pytest.mark.parametrize("field", ["merge_kd", "merge_ce"])
+@pytest.mark.parametrize("word", list(PAPER_WORD_ROWS))
+def test_paper_merge_words_are_refused_with_the_mapping_table(tmp_path, field, word):
+    yaml_file = write(tmp_path / "run.yaml", {"fotf": {"enabled": True, field: word}})
+    with pytest.raises(ConfigError) as from_yaml:
+        load_config(yaml_file)
+    _assert_mapping_message(str(from_yaml.value), field, word)
+    with pytest.raises(ConfigError) as from_cli:
+        load_config(None, ["--fotf.enabled", "true", f"--fotf.{field}", word])
+    assert str(from_cli.value) == str(from_yaml.value)
+    # either reading, spelt out, is accepted
+    for value in ("per_pixel", "per_class", "per_image", "batch_mean", "none"):
+        assert getattr(load_config(None, ["--fotf.enabled", "true", f"--fotf.{field}", value]).fotf, field) == value
+
+
+def test_a_config_written_by_an_earlier_version_fails_with_the_mapping_table(tmp_path):
+    # What save_config wrote for a FOTF run before the merges were renamed and `head` sampling became `classifier`.
+    old = tmp_path / "fotf_config.yaml"
+    old.write_text("method: {name: ce}\n"
+                   "fotf: {enabled: true, num_samples: 5, p: null, m: 1.0, kappa: 3.0, weighting: power,\n"
+                   "       merge_kd: channel, merge_ce: pixel, apply_to: ce, mode: head, source: student}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(old)
+    _assert_mapping_message(str(error.value), "merge_kd", "channel")
+    # with the merges spelt out, the old `head` mode is named next
+    with pytest.raises(ConfigError, match="fotf.mode = 'head' is not valid; choose one of: exact, naive, classifier"):
+        load_config(old, ["--fotf.merge_kd", "per_pixel", "--fotf.merge_ce", "per_class"])
+    cfg = load_config(old, ["--fotf.merge_kd", "per_pixel", "--fotf.merge_ce", "per_class", "--fotf.mode", "classifier"])
+    assert (cfg.fotf.merge_kd, cfg.fotf.merge_ce, cfg.fotf.mode, cfg.fotf.kappa) == ("per_pixel", "per_class", "classifier", 3.0)
+
+
+def test_new_defaults_are_the_literal_paper_readings_and_a_student_without_head_dropout_is_accepted():
+    cfg = load_config(None, ["--fotf.enabled", "true"])
+    assert (cfg.fotf.merge_kd, cfg.fotf.merge_ce, cfg.fotf.mode, cfg.fotf.p) == ("per_pixel", "per_class", "exact", None)
+    # DeepLabV3 keeps its ASPP dropout as an MC site: head dropout 0 is no longer refused up front
+    # (a model without any active site fails when FOTF samples it; see tests/test_models.py).
+    assert load_config(None, ["--fotf.enabled", "true", "--student.mc_dropout_p", "0"]).student.mc_dropout_p == 0.0

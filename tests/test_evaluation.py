@@ -44,17 +44,18 @@ class FakeStudent(nn.Module):
         emb = F.dropout(head_input, self.mc_dropout_p, training=self.training)
         return SegmentationModelOutput(logits=self.classifier(emb), head_input=head_input, embedding=emb)
 
-    def sample_logits(self, head_input, num_samples, p=None, masks=None, generator=None):
-        p = self.mc_dropout_p if p is None else p
-        x = head_input.unsqueeze(0).expand(num_samples, *head_input.shape)
-        if masks is None:
-            masks = torch.rand(x.shape, generator=generator) >= p
-        out = self.classifier((x * masks / (1 - p)).flatten(0, 1)).unflatten(0, (num_samples, head_input.shape[0]))
-        self.samples.append(out.detach().clone())
-        return out
-
-    def sample_logits_naive(self, pixel_values, num_samples, masks=None):
-        return self.sample_logits(self.forward_features(pixel_values).head_input, num_samples, masks=masks)
+    def sample_logits(self, num_samples, mode="exact", features=None, pixel_values=None, p=None, generator=None,
+                      masks=None):
+        """Yields T logits, one pass at a time; `self.samples` gets the (T, B, C, h, w) stack of each call."""
+        rate = self.mc_dropout_p if p is None else p
+        head_input = (self.forward_features(pixel_values) if mode == "naive" else features).head_input
+        drawn = []
+        self.samples.append(drawn)
+        for t in range(num_samples):
+            keep = torch.rand(head_input.shape, generator=generator) >= rate if masks is None else masks[t][0]
+            out = self.classifier(head_input * keep / (1 - rate))
+            drawn.append(out.detach().clone())
+            yield out
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -209,7 +210,8 @@ def test_mc_dropout_uses_the_predictive_mean_of_the_samples():
     items = make_items(n=3)
     metrics = evaluate_model(student, make_loader(items, batch_size=3), mc_samples=4,
                              generator=torch.Generator().manual_seed(1))
-    (samples,) = student.samples  # (T, B, C, h, w), one batch
+    (samples,) = student.samples  # one batch
+    samples = torch.stack(samples)  # (T, B, C, h, w)
     assert samples.shape == (4, 3, 4, 6, 8)
     mean = np_softmax(samples.double().numpy(), 2).mean(0)
     ref = np_metrics(mean, np.stack([it["labels"].numpy() for it in items]), 4)
@@ -353,13 +355,14 @@ def test_run_evaluation_refuses_a_class_count_mismatch(tmp_path):
 # ------------------------------------------------------------------ the real models
 
 
-def _tiny_real_student(num_labels=5):
+def _tiny_real_student(num_labels=5, **overrides):
     models = pytest.importorskip("fotf_hf.models")
     if not hasattr(models, "create_model"):
         pytest.skip("fotf_hf.models.create_model is not written yet")
     torch.manual_seed(0)
     return models.SegmentationStudent(
-        models.create_model("deeplabv3", "resnet18", num_labels=num_labels, backbone_base_width=8, head_channels=16)
+        models.create_model("deeplabv3", "resnet18", num_labels=num_labels, backbone_base_width=8, head_channels=16,
+                            **overrides)
     )
 
 
@@ -377,6 +380,24 @@ def test_real_student_flip_scales_mc_and_mode_restore():
     assert student.training
     for key, value in student.state_dict().items():  # eval mode: BN running stats untouched
         assert torch.equal(value, before[key]), key
+
+
+def test_real_student_mc_samples_every_dropout_site_also_under_autocast():
+    """The MC passes are exact ones: DeepLabV3 without head dropout still samples its ASPP dropout (a
+    head-only pass would have nothing to sample); under bf16 autocast the passes run in bf16 too."""
+    student = _tiny_real_student(mc_dropout_p=0.0).eval()
+    loader = make_loader(make_items(n=2, size=(32, 48), num_labels=5))
+    deterministic = evaluate_model(student, loader)
+    mc = evaluate_model(student, loader, mc_samples=3, generator=torch.Generator().manual_seed(0))
+    again = evaluate_model(student, loader, mc_samples=3, generator=torch.Generator().manual_seed(0))
+    # the generator fixes the masks
+    assert (mc["mean_iou"], mc["ece"], mc["reliability"]["count"]) == (again["mean_iou"], again["ece"],
+                                                                      again["reliability"]["count"])
+    assert mc["num_pixels"] == deterministic["num_pixels"] and mc["ece"] != deterministic["ece"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = evaluate_model(student, loader, mc_samples=3, generator=torch.Generator().manual_seed(0))
+    assert amp["num_pixels"] == mc["num_pixels"] and isinstance(amp["ece"], float) and 0 <= amp["ece"] <= 1
+    assert amp["pixel_accuracy"] == pytest.approx(mc["pixel_accuracy"], abs=0.05)
 
 
 def test_run_evaluation_from_a_saved_folder_uses_the_auto_classes(tmp_path):

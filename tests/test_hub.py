@@ -32,7 +32,7 @@ METRICS = {
     "num_pixels": 1000,
 }
 FOTF = {"enabled": True, "num_samples": 5, "p": None, "m": 3.0, "kappa": 5.0, "weighting": "power",
-        "merge_kd": "channel", "merge_ce": "pixel", "apply_to": "both", "mode": "head", "source": "student"}
+        "merge_kd": "per_pixel", "merge_ce": "per_class", "apply_to": "both", "mode": "exact", "source": "student"}
 
 
 def write_card(folder, **overrides):
@@ -61,7 +61,8 @@ def test_card_round_trips_mean_iou_and_ece_with_dataset_and_split(tmp_path):
     for expected in ("| mIoU (%) | 61.25 |", "| ECE (%, 10 bins) | 4.31 |", "| pixel accuracy (%) | 87.50 |",
                      "| Sky | 90.00 |", "| Pole | n/a |", "| FOTF kappa | 5.0 |", "| FOTF m | 3.0 |",
                      "| FOTF T (MC samples) | 5 |", "| FOTF dropout p | the model's own dropout |",
-                     "| FOTF merge (KD) | channel |", "| training steps | 40000 |", "`outputs/teacher`",
+                     "| FOTF merge (KD) | per_pixel |", "| FOTF merge (CE) | per_class |", "| FOTF sampling mode | exact |",
+                     "| training steps | 40000 |", "`outputs/teacher`",
                      "accelerate launch scripts/distill.py --config kd_fotf.yaml", "Apache-2.0"):
         assert expected in body, expected
     assert not list((tmp_path / "kd_fotf").glob(".tmp*"))
@@ -86,6 +87,28 @@ def test_license_other_is_inherited_from_a_local_teacher_folder(tmp_path):
     assert card_license(str(teacher))["license"] == "other"
     assert card_license(str(tmp_path / "no-such-folder"))["license"] == "apache-2.0"
     assert card_license("microsoft/resnet-50", "nvidia-like/segformer")["license"] == "apache-2.0"
+
+
+@pytest.mark.parametrize("form", ["config", "module"])
+def test_fotf_rows_from_a_fotf_config_or_the_fotf_module_equal_those_from_its_dict(tmp_path, form):
+    from dataclasses import asdict
+
+    from fotf_hf.fotf import FOTF as FotfModule
+    from fotf_hf.fotf import FotfConfig
+
+    config = FotfConfig(enabled=True, num_samples=7, p=0.2, m=3.0, kappa=5.0, weighting="exp", merge_kd="per_image",
+                        merge_ce="batch_mean", apply_to="ce", mode="classifier")
+    as_dict = ModelCard.load(write_card(tmp_path / "dict", fotf=asdict(config))).text
+    given = ModelCard.load(write_card(tmp_path / form, fotf=config if form == "config" else FotfModule(config))).text
+    rows = [line for line in given.splitlines() if line.startswith("| FOTF ")]
+    assert rows == [line for line in as_dict.splitlines() if line.startswith("| FOTF ")]
+    for expected in ("| FOTF T (MC samples) | 7 |", "| FOTF dropout p | 0.2 |", "| FOTF weighting | exp |",
+                     "| FOTF merge (KD) | per_image |", "| FOTF merge (CE) | batch_mean |", "| FOTF applied to | ce |",
+                     "| FOTF sampling mode | classifier |", "| FOTF uncertainty source | student |"):
+        assert expected in rows, expected
+    # a disabled config states that FOTF was not used
+    off = ModelCard.load(write_card(tmp_path / "off", fotf=FotfConfig(kappa=5.0))).text
+    assert "| FOTF | not used |" in off
 
 
 def test_local_paths_stay_out_of_the_metadata_and_fotf_off_is_stated(tmp_path):

@@ -11,16 +11,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fotf_hf.fotf import MERGES
 from fotf_hf.losses.base import FotfWeights, LossInputs
 from fotf_hf.losses.ce import CELoss, ce_loss
 from fotf_hf.losses.kd import KDLoss, kd_loss
 
+# The weight shape each FOTF merge produces (fotf_hf/fotf.py): what the losses must broadcast.
 WEIGHT_SHAPES = {
     "none": lambda b, c, h, w: (b, c, h, w),
-    "pixel": lambda b, c, h, w: (b, 1, h, w),
-    "channel": lambda b, c, h, w: (b, c, 1, 1),
-    "sample": lambda b, c, h, w: (b, 1, 1, 1),
+    "per_pixel": lambda b, c, h, w: (b, 1, h, w),
+    "per_class": lambda b, c, h, w: (b, c, 1, 1),
+    "per_image": lambda b, c, h, w: (b, 1, 1, 1),
+    "batch_mean": lambda b, c, h, w: (1, c, h, w),
 }
+
+
+def test_every_merge_has_a_weight_shape_here():
+    assert set(WEIGHT_SHAPES) == set(MERGES)
 
 
 # ------------------------------------------------------------------ NumPy references

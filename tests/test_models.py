@@ -4,11 +4,12 @@ Tiny widths (backbone_base_width 8, head 16, SegFormer hidden 8..64) and 64 x 64
 CPU-fast; the one full-size check builds DeepLabV3-R18 / PSPNet-R18 / DeepLabV3-R101 once.
 """
 
+import collections.abc
+import copy
 import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSemanticSegmentation, SegformerForSemanticSegmentation
 
 import fotf_hf  # noqa: F401  (registers the Auto classes)
+from fotf_hf.fotf import FOTF, MODES, FotfConfig
 from fotf_hf.models import (
     FotfDeepLabV3Config,
     FotfDeepLabV3ForSemanticSegmentation,
@@ -26,7 +28,6 @@ from fotf_hf.models import (
     create_model,
 )
 from fotf_hf.models.segformer import MIT_VARIANTS, segformer_config
-from fotf_hf.uncertainty import FOTF, mc_dropout_probs
 
 TINY = {"backbone_base_width": 8, "head_channels": 16}
 TINY_SEGFORMER = {"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64], "num_attention_heads": [1, 1, 2, 4],
@@ -346,18 +347,110 @@ def test_segformer_from_a_local_folder(tmp_path):
 # -------------------------------------------------------------------------- SegmentationStudent
 
 
-@pytest.mark.parametrize("arch", ["deeplabv3", "pspnet", "segformer"])
-def test_student_head_mode_equals_naive_mode_for_the_same_masks(arch, x):
-    student = SegmentationStudent(tiny(arch)).eval()
+def same_modules(a, b):
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+class QueuedMask(nn.Module):
+    """Stands in for an MC site: `x * keep / (1 - p)` with the next keep-mask of a queue shared by all sites."""
+
+    def __init__(self, p, queue):
+        super().__init__()
+        self.p, self.queue = p, queue
+
+    def forward(self, x):
+        return x * self.queue.pop(0).to(x.dtype) / (1 - self.p)
+
+
+def hook_counts(module):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in module.modules()]
+
+
+def site_inputs(model, sites, x):
+    """Inputs of `sites`, in call order, during one plain forward of `model` (no sampling code involved)."""
+    seen = []
+    handles = [site.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone())) for site in sites]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def masked_reference(model, sites, masks, x):
+    """The plain model's logits with `sites` applying the given keep-masks (call order) and every other
+    dropout / DropPath off: what one MC pass with those masks must give."""
+    reference = copy.deepcopy(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    for module in reference.modules():
+        if isinstance(module, nn.Dropout) or type(module).__name__.endswith("DropPath"):
+            module.eval()
+    queue = list(masks)
+    for site in sites:
+        parent, _, child = names[id(site)].rpartition(".")
+        setattr(reference.get_submodule(parent), child, QueuedMask(site.p, queue))
+    with torch.no_grad():
+        logits = reference(x).logits
+    assert not queue, "the reference left masks unused"
+    return logits
+
+
+def test_mc_sites_are_the_dropouts_of_the_prediction_path():
+    dlv3, psp, seg = tiny("deeplabv3"), tiny("pspnet"), tiny("segformer")
+    # DeepLabV3: ASPP projection dropout (0.5), then the head's (0.1); never the aux head's
+    assert same_modules(SegmentationStudent(dlv3).mc_dropout_sites(), [dlv3.head.aspp.project[3], dlv3.head.block[3]])
+    assert same_modules(SegmentationStudent(psp).mc_dropout_sites(), [psp.head.block[3]])
+    assert same_modules(SegmentationStudent(seg).mc_dropout_sites(), [seg.decode_head.dropout])
+    # SegFormer with hidden dropout: every encoder dropout that runs with p > 0, then the decode head's
+    enc = tiny("segformer", hidden_dropout_prob=0.2)
+    sites = SegmentationStudent(enc).mc_dropout_sites()
+    called = []
+    handles = [m.register_forward_pre_hook(lambda module, args: called.append(module))
+               for m in enc.modules() if isinstance(m, nn.Dropout)]
+    with torch.no_grad():
+        enc(torch.randn(1, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    active = list({id(m): m for m in called if m.p > 0}.values())
+    assert sites[-1] is enc.decode_head.dropout and len(sites) == len(active) == 9  # 4 stages x 2, + head
+    assert {id(m) for m in sites} == {id(m) for m in active} and all(m.p == 0.2 for m in sites[:-1])
+    with pytest.raises(ValueError, match="attention_probs_dropout_prob = 0.1 is not supported with MC dropout"):
+        SegmentationStudent(tiny("segformer", attention_probs_dropout_prob=0.1)).mc_dropout_sites()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+# SegFormer without encoder sites re-runs only the head on the cached features; with stochastic depth
+# in a train-mode main forward those carry that forward's DropPath draw, so it is off here.
+@pytest.mark.parametrize("arch, overrides", [("deeplabv3", {}), ("pspnet", {}), ("segformer", {"drop_path_rate": 0.0}),
+                                             ("segformer", {"hidden_dropout_prob": 0.1})],
+                         ids=["deeplabv3", "pspnet", "segformer", "segformer-encoder-dropout"])
+def test_mc_passes_with_given_masks_equal_the_plain_model_with_those_masks(arch, overrides, training, x):
+    """exact: every site of the prediction path, from the cached first-site input; classifier: the last
+    site + classifier on head_input only. BatchNorm keeps the model's mode (train: batch statistics)."""
+    student = SegmentationStudent(tiny(arch, **overrides)).train(training)
+    sites = student.mc_dropout_sites()
+    shapes = [tuple(t.shape) for t in site_inputs(student.model, sites, x)]
+    assert len(shapes) >= len(sites)
+    g = torch.Generator().manual_seed(0)
+    T = 2
+    masks = [[torch.rand(shape, generator=g) >= 0.3 for shape in shapes] for _ in range(T)]
     features = student.forward_features(x)
-    T, (B, D, h, w) = 4, features.head_input.shape
-    masks = torch.rand(T, B, D, h, w, generator=torch.Generator().manual_seed(0)) >= student.mc_dropout_p
-    head = student.sample_logits(features.head_input, T, masks=masks)
-    naive = student.sample_logits_naive(x, T, masks=masks)
-    assert head.shape == naive.shape == (T, B, C, h, w)
-    torch.testing.assert_close(head, naive, rtol=1e-5, atol=1e-5)
-    # and both equal the explicit forward_head with that mask
-    torch.testing.assert_close(student.forward_head(features.head_input, mask=masks[2])[0], naive[2], rtol=1e-5, atol=1e-5)
+    exact = list(student.sample_logits(T, features=features, masks=masks))
+    last = [[m[-1]] for m in masks]
+    approx = list(student.sample_logits(T, mode="classifier", features=features, masks=last))
+    classifier, p_last = student.get_classifier(), sites[-1].p
+    for t in range(T):
+        torch.testing.assert_close(exact[t], masked_reference(student.model, sites, masks[t], x), rtol=1e-4, atol=1e-5)
+        by_hand = F.conv2d(features.head_input * last[t][0] / (1 - p_last), classifier.weight, classifier.bias)
+        torch.testing.assert_close(approx[t], by_hand.detach(), rtol=1e-5, atol=1e-6)
+        if not training:  # no dropout in the cached head_input: the approximation = the model with only the last site
+            torch.testing.assert_close(approx[t], masked_reference(student.model, sites[-1:], last[t], x),
+                                       rtol=1e-4, atol=1e-5)
+    if len(sites) > 1 and not training:  # the earlier sites matter: the approximation misses them
+        assert not torch.allclose(exact[0], approx[0], rtol=1e-3, atol=1e-7)
+    assert student.training == training
 
 
 @pytest.mark.parametrize("arch, stride", [("deeplabv3", 8), ("pspnet", 8), ("segformer", 4)])
@@ -371,6 +464,14 @@ def test_student_forward_matches_the_plain_model_and_has_every_field(arch, strid
     assert out.logits.shape == (2, C, 64 // stride, 64 // stride)
     assert out.head_input.shape == out.embedding.shape == (2, head_width(model), 64 // stride, 64 // stride)
     torch.testing.assert_close(out.embedding, out.head_input)
+    # mc_input / head_input are what the first / last MC site receive in the plain model's forward
+    sites = student.mc_dropout_sites()
+    first, *_, last = site_inputs(model, [sites[0]], x) + site_inputs(model, [sites[-1]], x)
+    torch.testing.assert_close(out.mc_input, first, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.head_input, last, rtol=1e-6, atol=1e-6)
+    features = student.forward_features(x)
+    torch.testing.assert_close(features.mc_input, out.mc_input, rtol=0, atol=0)
+    torch.testing.assert_close(features.head_input, out.head_input, rtol=0, atol=0)
     assert out.backbone_features is not None
     if arch == "segformer":
         assert out.aux_logits is None and out.backbone_features.shape == (2, 64, 2, 2)
@@ -381,17 +482,32 @@ def test_student_forward_matches_the_plain_model_and_has_every_field(arch, strid
     torch.testing.assert_close(student(x, labels=labels).loss, model(x, labels=labels).loss)
 
 
-def test_student_train_mode_samples_the_head_dropout(x):
+def test_segformer_with_encoder_sites_caches_the_pixels_as_mc_input(x):
+    student = SegmentationStudent(tiny("segformer", hidden_dropout_prob=0.1)).eval()
+    assert torch.equal(student.forward_features(x).mc_input, x)
+
+
+def test_forward_head_applies_the_last_site_as_its_own_flag_says(x):
     student = SegmentationStudent(tiny("pspnet")).train()
     assert student.model.training
     out = student(x)
     assert not torch.equal(out.embedding, out.head_input)
-    logits, embedding = student.forward_head(out.head_input, dropout=False)
-    torch.testing.assert_close(embedding, out.head_input)
+    torch.manual_seed(3)
+    logits, embedding = student.forward_head(out.head_input)
+    positive = out.head_input > 0
+    dropped = (embedding == 0) & positive
+    assert 0.03 < (dropped.sum() / positive.sum()).item() < 0.2  # p = 0.1
+    torch.testing.assert_close(embedding[~dropped], out.head_input[~dropped] / 0.9)
+    classifier = student.get_classifier()
+    torch.testing.assert_close(logits, F.conv2d(embedding, classifier.weight, classifier.bias))
+    # the site's own flag decides, not the student's: the site alone in eval mode keeps everything
+    student.model.get_mc_dropout().eval()
+    logits, embedding = student.forward_head(out.head_input)
+    assert student.training and torch.equal(embedding, out.head_input)
+    torch.testing.assert_close(logits, F.conv2d(out.head_input, classifier.weight, classifier.bias))
     student.eval()
-    assert not student.model.training
-    _, embedding = student.forward_head(out.head_input, dropout=True)
-    assert not torch.equal(embedding, out.head_input)
+    _, embedding = student.forward_head(out.head_input)
+    assert torch.equal(embedding, out.head_input)
 
 
 def test_from_pretrained_student_samples_differ_and_forward_is_deterministic(tmp_path, x):
@@ -399,69 +515,119 @@ def test_from_pretrained_student_samples_differ_and_forward_is_deterministic(tmp
     student = SegmentationStudent(AutoModelForSemanticSegmentation.from_pretrained(tmp_path))
     assert not student.training and student.mc_dropout_p == pytest.approx(0.1)
     features = student.forward_features(x)
-    samples = student.sample_logits(features.head_input, 5)
-    assert samples.shape == (5, 2, C, 8, 8) and samples.dtype == torch.float32
-    assert not torch.allclose(samples[0], samples[1])
-    naive = student.sample_logits_naive(x, 3)
+    samples = student.sample_logits(5, features=features)
+    assert isinstance(samples, collections.abc.Iterator)  # one pass at a time
+    samples = list(samples)
+    assert len(samples) == 5
+    assert all(s.shape == (2, C, 8, 8) and s.dtype == torch.float32 and not s.requires_grad for s in samples)
+    assert not torch.allclose(samples[0], samples[1])  # eval mode, but the MC passes still sample
+    naive = list(student.sample_logits(3, mode="naive", pixel_values=x))
     assert not torch.allclose(naive[0], naive[1])
     torch.testing.assert_close(student(x).logits, student(x).logits, rtol=0, atol=0)
-    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
-    torch.testing.assert_close(student.sample_logits(features.head_input, 3, generator=g1),
-                               student.sample_logits(features.head_input, 3, generator=g2), rtol=0, atol=0)
-    # the streaming std is eq. 6 of the same draws
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    probs = torch.softmax(student.sample_logits(features.head_input, 4, generator=g1), dim=2).double().numpy()
-    sigma = student.sample_std(features.head_input, 4, generator=g2)
-    assert sigma.shape == (2, C, 8, 8)
-    np.testing.assert_allclose(sigma.numpy(), np.std(probs, axis=0, ddof=1), rtol=1e-4, atol=1e-6)
-    # the samples scatter around the deterministic logits
-    mean = student.sample_logits(features.head_input, 400, generator=g1).mean(0)
-    assert (mean - student(x).logits).abs().mean() < 0.1 * student(x).logits.abs().mean()
+    inputs = {"exact": {"features": features}, "naive": {"pixel_values": x}, "classifier": {"features": features}}
+    for mode, given in inputs.items():
+        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        state = torch.random.get_rng_state()
+        first = list(student.sample_logits(3, mode=mode, generator=g1, **given))
+        assert torch.equal(torch.random.get_rng_state(), state), mode  # masks come from the generator only
+        again = list(student.sample_logits(3, mode=mode, generator=g2, **given))
+        for a, b in zip(first, again):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # inverted dropout before a linear classifier is unbiased: the classifier-mode samples scatter
+    # around the deterministic logits
+    g = torch.Generator().manual_seed(5)
+    mean = torch.stack(list(student.sample_logits(200, mode="classifier", features=features, generator=g))).mean(0)
+    deterministic = student(x).logits
+    assert (mean - deterministic).abs().mean() < 0.1 * deterministic.abs().mean()
 
 
 @pytest.mark.parametrize("arch", ["deeplabv3", "segformer"])
-def test_naive_sampling_in_train_mode_keeps_batchnorm_statistics(arch, x):
-    student = SegmentationStudent(tiny(arch)).train()
-    student(x)  # move the running stats away from their init
+def test_sampling_in_train_mode_keeps_batchnorm_statistics_and_module_flags(arch, x):
+    student = SegmentationStudent(tiny(arch, **({"drop_path_rate": 0.3} if arch == "segformer" else {}))).train()
+    frozen = "decode_head.linear_fuse" if arch == "segformer" else "head.block.1"
+    student.model.get_submodule(frozen).eval()  # a frozen submodule must stay frozen
+    out = student(x)  # move the running stats away from their init
     before = {k: v.clone() for k, v in student.model.state_dict().items()}
-    samples = student.sample_logits_naive(x, 3)
-    assert samples.shape[0] == 3 and not samples.requires_grad
-    assert not torch.allclose(samples[0], samples[1])
+    flags = {name: m.training for name, m in student.named_modules()}
+    hooks = hook_counts(student)
+    for mode in MODES:
+        given = {"pixel_values": x} if mode == "naive" else {"features": out}
+        samples = list(student.sample_logits(3, mode=mode, **given))
+        assert len(samples) == 3 and not any(s.requires_grad for s in samples), mode
+        assert not torch.allclose(samples[0], samples[1]), mode
+        # nothing but the MC sites is random (not the global RNG's DropPath / other dropouts)
+        torch.manual_seed(1)
+        a = list(student.sample_logits(2, mode=mode, generator=torch.Generator().manual_seed(7), **given))
+        torch.manual_seed(2)
+        b = list(student.sample_logits(2, mode=mode, generator=torch.Generator().manual_seed(7), **given))
+        for s, t in zip(a, b):
+            torch.testing.assert_close(s, t, rtol=0, atol=0)
     after = student.model.state_dict()
     for key, value in before.items():
         assert torch.equal(value, after[key]), key
-    assert student.training
+    assert {name: m.training for name, m in student.named_modules()} == flags
+    assert hook_counts(student) == hooks
 
 
-def test_mc_dropout_p_zero_is_reported_and_fotf_refuses(x):
-    student = SegmentationStudent(tiny("deeplabv3", mc_dropout_p=0.0)).eval()
-    assert student.mc_dropout_p == 0.0
-    head_input = student.forward_features(x).head_input
-    with pytest.raises(ValueError, match="no active dropout site"):
-        mc_dropout_probs(student, head_input, num_samples=3)
-    with pytest.raises(ValueError, match="no active dropout site"):
-        student.sample_logits_naive(x, 2)
-    assert mc_dropout_probs(student, head_input, num_samples=3, p=0.2).shape == (3, 2, C, 8, 8)  # explicit p works
+def test_a_model_without_active_mc_sites_is_refused_and_an_explicit_p_samples_it(x):
+    psp = SegmentationStudent(tiny("pspnet", mc_dropout_p=0.0)).eval()
+    assert psp.mc_dropout_p == 0.0
+    out = psp(x)
+    for mode in MODES:
+        with pytest.raises(ValueError, match="no active MC dropout site"):
+            list(psp.sample_logits(2, mode=mode, features=out, pixel_values=x))
+    with pytest.raises(ValueError, match="no active MC dropout site"):
+        FOTF(FotfConfig(enabled=True, num_samples=3))(psp, out, pixel_values=x)
+    samples = list(psp.sample_logits(3, features=out, p=0.2))  # an explicit p works
+    assert len(samples) == 3 and not torch.allclose(samples[0], samples[1])
+    # DeepLabV3 without head dropout keeps its ASPP site: exact passes sample it, the classifier approximation cannot
+    dlv3 = SegmentationStudent(tiny("deeplabv3", mc_dropout_p=0.0)).eval()
+    out = dlv3(x)
+    exact = list(dlv3.sample_logits(2, features=out))
+    assert not torch.allclose(exact[0], exact[1])
+    with pytest.raises(ValueError, match="no active MC dropout site"):
+        list(dlv3.sample_logits(2, mode="classifier", features=out))
 
 
 @pytest.mark.parametrize("arch", ["deeplabv3", "segformer"])
-def test_fotf_runs_on_real_students_in_both_modes(arch, x):
+def test_fotf_runs_on_real_students_in_every_mode(arch, x):
     student = SegmentationStudent(tiny(arch)).train()
     out = student(x)
-    for mode in ("head", "naive"):
-        result = FOTF(num_samples=3, p=None, mode=mode)(student, out.head_input.detach(), pixel_values=x)
-        assert result.sigma.shape == out.logits.shape and float(result.stats["sigma_mean"]) > 0
-        assert result.weights.kd.shape == (2, C, 1, 1) and result.weights.ce.shape == (2, 1) + out.logits.shape[-2:]
+    for mode in MODES:
+        fotf = FOTF(FotfConfig(enabled=True, num_samples=3, mode=mode))
+        # naive student sampling runs on the pixels alone, as the training step calls it
+        result = fotf(student, out if mode != "naive" else None, pixel_values=x)
+        assert result.sigma.shape == out.logits.shape and float(result.stats["sigma_mean"]) > 0, mode
+        # the defaults: KD weight per pixel, CE weight per class
+        assert result.weights.kd.shape == (2, 1) + out.logits.shape[-2:] and result.weights.ce.shape == (2, C, 1, 1)
+    assert student.training
 
 
-def test_student_rejects_unsupported_models_and_bad_masks(x):
+def test_student_rejects_unsupported_models_and_bad_arguments(x):
     with pytest.raises(TypeError, match="Conv2d is not supported; accepted: FotfDeepLabV3ForSemanticSegmentation"):
         SegmentationStudent(nn.Conv2d(3, 3, 1))
     student = SegmentationStudent(tiny("deeplabv3")).eval()
-    head_input = student.forward_features(x).head_input
-    with pytest.raises(ValueError, match="mask must have head_input's shape"):
-        student.forward_head(head_input, mask=torch.ones(1, 16, 8, 8))
-    with pytest.raises(ValueError, match=r"masks must be \(T, B, D, h, w\)"):
-        student.sample_logits_naive(x, 2, masks=torch.ones(3, 2, 16, 8, 8))
+    expected = student(x).logits
+    hooks = hook_counts(student)
+    features = student.forward_features(x)
+    keep = torch.ones(2, 16, 8, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mode = 'head' is not valid; choose one of: exact, naive, classifier"):
+        list(student.sample_logits(2, mode="head", features=features))
+    with pytest.raises(ValueError, match=r"sample_logits\(mode='exact'\) needs features"):
+        list(student.sample_logits(2, pixel_values=x))
+    with pytest.raises(ValueError, match=r"sample_logits\(mode='naive'\) needs pixel_values"):
+        list(student.sample_logits(2, mode="naive", features=features))
+    with pytest.raises(ValueError, match="masks holds 3 passes but num_samples = 2"):
+        list(student.sample_logits(2, features=features, masks=[[keep, keep]] * 3))
+    with pytest.raises(ValueError, match=r"mask of shape \(1, 16, 8, 8\) given for a site whose input is \(2, 16, 8, 8\)"):
+        list(student.sample_logits(1, features=features, masks=[[torch.ones(1, 16, 8, 8), keep]]))
+    with pytest.raises(ValueError, match="masks ran out"):  # DeepLabV3 calls two sites per pass
+        list(student.sample_logits(1, features=features, masks=[[keep]]))
+    with pytest.raises(ValueError, match="1 of the given masks were not used"):
+        list(student.sample_logits(1, mode="classifier", features=features, masks=[[keep, keep]]))
+    # after the errors: no hooks left, dropout flags and grad mode as before, the same deterministic forward
+    assert hook_counts(student) == hooks
+    assert not any(m.training for m in student.modules()) and torch.is_grad_enabled()
+    torch.testing.assert_close(student(x).logits, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"got shape \(2, 3, 8, 8\)"):
         SegmentationStudent(tiny("segformer")).forward_features(torch.randn(2, 3, 8, 8))

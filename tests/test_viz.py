@@ -9,13 +9,13 @@ from PIL import Image
 from torch import nn
 
 from fotf_hf.data import DatasetInfo
+from fotf_hf.fotf import FOTF, FotfConfig
 from fotf_hf.models.outputs import SegmentationFeatures, SegmentationModelOutput
-from fotf_hf.uncertainty import FOTF
 from fotf_hf.viz import colorize, palette_for, reliability_diagram, tsne_embeddings, tsne_figure, write_uncertainty_panels
 
 
 class FakeStudent(nn.Module):
-    """`SegmentationStudent` interface: stride-s trunk -> dropout -> 1x1 classifier."""
+    """`SegmentationStudent` interface: stride-s trunk -> dropout -> 1x1 classifier (one MC site)."""
 
     def __init__(self, num_labels=4, width=6, stride=2, mc_dropout_p=0.1):
         super().__init__()
@@ -23,7 +23,11 @@ class FakeStudent(nn.Module):
         self.classifier = nn.Conv2d(width, num_labels, 1)
         self.num_labels = num_labels
         self.mc_dropout_p = mc_dropout_p
-        self.sample_p = []
+        self.sample_calls = []  # (T, mode, p) of every sample_logits call
+        self.dropout = nn.Dropout(mc_dropout_p)
+
+    def mc_dropout_sites(self):
+        return [self.dropout]
 
     def forward_features(self, pixel_values):
         return SegmentationFeatures(head_input=torch.relu(self.trunk(pixel_values)))
@@ -33,16 +37,14 @@ class FakeStudent(nn.Module):
         emb = F.dropout(head_input, self.mc_dropout_p or 0.0, training=self.training)
         return SegmentationModelOutput(logits=self.classifier(emb), head_input=head_input, embedding=emb)
 
-    def sample_logits(self, head_input, num_samples, p=None, masks=None, generator=None):
-        p = self.mc_dropout_p if p is None else p
-        self.sample_p.append(p)
-        x = head_input.unsqueeze(0).expand(num_samples, *head_input.shape)
-        if masks is None:
-            masks = torch.rand(x.shape, generator=generator) >= p
-        return self.classifier((x * masks / (1 - p)).flatten(0, 1)).unflatten(0, (num_samples, head_input.shape[0]))
-
-    def sample_logits_naive(self, pixel_values, num_samples, masks=None):
-        return self.sample_logits(self.forward_features(pixel_values).head_input, num_samples, masks=masks)
+    def sample_logits(self, num_samples, mode="exact", features=None, pixel_values=None, p=None, generator=None,
+                      masks=None):
+        self.sample_calls.append((num_samples, mode, p))
+        rate = self.mc_dropout_p if p is None else p
+        head_input = (self.forward_features(pixel_values) if mode == "naive" else features).head_input
+        for t in range(num_samples):
+            keep = torch.rand(head_input.shape, generator=generator) >= rate if masks is None else masks[t][0]
+            yield self.classifier(head_input * keep / (1 - rate))
 
 
 def make_eval_set(n=3, size=(16, 24), num_labels=4):
@@ -118,9 +120,9 @@ def expected_panel_size(h, w, panel_width=2.6, dpi=100):
 def test_panels_one_png_per_image_with_the_step_in_the_name(tmp_path):
     student = FakeStudent()
     student.train()
-    fotf = FOTF(num_samples=3, p=0.2, m=3.0, kappa=5.0)
+    fotf = FOTF(FotfConfig(enabled=True, num_samples=3, p=0.2, m=3.0, kappa=5.0, mode="naive"))
     paths = write_uncertainty_panels(student, make_eval_set(3), INFO, tmp_path / "panels", step=40, num_images=2,
-                                     fotf=fotf, num_samples=3)
+                                     fotf=fotf)
     assert [p.name for p in paths] == ["step_0000040_00.png", "step_0000040_01.png"]
     assert sorted(p.name for p in (tmp_path / "panels").iterdir()) == [p.name for p in paths]
     for path in paths:
@@ -128,19 +130,27 @@ def test_panels_one_png_per_image_with_the_step_in_the_name(tmp_path):
         ew, eh = expected_panel_size(16, 24)
         assert width == ew and abs(height - eh) <= 1
     assert student.training  # restored
-    assert student.sample_p == [0.2, 0.2]  # FOTF's p drives the MC passes
+    assert student.sample_calls == [(3, "naive", 0.2)] * 2  # FOTF's T, mode and p drive the MC passes
 
 
-def test_panels_without_fotf_and_without_model_dropout(tmp_path):
-    student = FakeStudent(mc_dropout_p=0.0).eval()
-    paths = write_uncertainty_panels(student, make_eval_set(1), None, tmp_path, step=0, num_images=5, num_samples=2)
+def test_panels_without_fotf_use_the_default_fotf_settings(tmp_path):
+    student = FakeStudent().eval()
+    paths = write_uncertainty_panels(student, make_eval_set(1), None, tmp_path, step=0, num_images=5)
     assert len(paths) == 1 and png_size(paths[0])[0] == expected_panel_size(16, 24)[0]
-    assert student.sample_p == [0.1]  # the documented fallback p
+    defaults = FotfConfig()
+    assert student.sample_calls == [(defaults.num_samples, defaults.mode, defaults.p)] == [(5, "exact", None)]
     assert not student.training
+    # a student trained without dropout still gets panels: the passes use the paper's rate 0.1
+    no_dropout = FakeStudent(mc_dropout_p=0.0)
+    write_uncertainty_panels(no_dropout, make_eval_set(1), None, tmp_path / "nodrop", step=0, num_images=1)
+    assert no_dropout.sample_calls == [(5, "exact", 0.1)]
 
 
-def test_panel_maps_follow_the_fotf_formula(tmp_path, monkeypatch):
-    """The weight map drawn is (1 + m * mean_c sigma)^kappa of the sigma drawn (merge pixel)."""
+@pytest.mark.parametrize("as_module, terms", [(False, {"apply_to": "both", "merge_ce": "per_pixel"}),
+                                              (True, {"apply_to": "kd", "merge_kd": "per_pixel"})])
+def test_panel_maps_follow_the_fotf_formula(tmp_path, monkeypatch, as_module, terms):
+    """The weight map drawn is (1 + m * mean_c sigma)^kappa of the sigma drawn: the CE weight (else the
+    KD weight) with merge per_pixel, which averages sigma over the classes as the sigma panel does."""
     import matplotlib.axes
 
     shown = []
@@ -152,7 +162,9 @@ def test_panel_maps_follow_the_fotf_formula(tmp_path, monkeypatch):
 
     monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
     student = FakeStudent(stride=1).eval()  # logit resolution = image resolution: no resize in the maps
-    write_uncertainty_panels(student, make_eval_set(1), INFO, tmp_path, fotf={"m": 3.0, "kappa": 2.0}, num_samples=4)
+    config = FotfConfig(enabled=True, num_samples=4, m=3.0, kappa=2.0, **{"merge_kd": "none", "merge_ce": "none", **terms})
+    write_uncertainty_panels(student, make_eval_set(1), INFO, tmp_path, fotf=FOTF(config) if as_module else config)
+    assert student.sample_calls == [(4, "exact", None)]
     image, truth, pred, sigma, weight = shown
     assert image.shape == (16, 24, 3) and truth.shape == (16, 24, 3)
     assert (truth[:2] == [255, 0, 255]).all()  # ignored rows in the ignore colour
@@ -199,7 +211,7 @@ def test_real_student_panels_and_tsne(tmp_path):
     student.train()
     eval_set = make_eval_set(2, size=(32, 48))
     paths = write_uncertainty_panels(student, eval_set, INFO, tmp_path / "panels", step=3, num_images=2,
-                                     fotf=FOTF(num_samples=2, kappa=3.0), num_samples=2)
+                                     fotf=FOTF(FotfConfig(enabled=True, num_samples=2, kappa=3.0)))
     assert len(paths) == 2 and png_size(paths[0])[0] == expected_panel_size(32, 48)[0]
     assert student.training
     from fotf_hf.data import create_dataloader
@@ -224,11 +236,11 @@ class _Recording(list):
 def test_panels_spread_over_the_set_or_follow_given_indices(tmp_path):
     student = FakeStudent().eval()
     data = _Recording(make_eval_set(7))
-    paths = write_uncertainty_panels(student, data, INFO, tmp_path / "a", num_images=3, num_samples=2)
+    paths = write_uncertainty_panels(student, data, INFO, tmp_path / "a", num_images=3)
     assert data.read == [0, 3, 6]  # first, middle, last: not three neighbouring video frames
     assert [p.name for p in paths] == ["step_0000000_00.png", "step_0000000_01.png", "step_0000000_02.png"]
     data.read.clear()
-    write_uncertainty_panels(student, data, INFO, tmp_path / "b", num_samples=2, indices=[5, 1])
+    write_uncertainty_panels(student, data, INFO, tmp_path / "b", indices=[5, 1])
     assert data.read == [5, 1]
 
 
@@ -238,7 +250,7 @@ def test_panels_leave_the_global_rng_alone_and_repeat_with_the_same_seed(tmp_pat
     student = FakeStudent().eval()
     data = make_eval_set(2)
     state = torch.random.get_rng_state()
-    first = write_uncertainty_panels(student, data, INFO, tmp_path / "a", num_images=2, num_samples=3)
+    first = write_uncertainty_panels(student, data, INFO, tmp_path / "a", num_images=2)
     assert torch.equal(torch.random.get_rng_state(), state)
-    again = write_uncertainty_panels(student, data, INFO, tmp_path / "b", num_images=2, num_samples=3)
+    again = write_uncertainty_panels(student, data, INFO, tmp_path / "b", num_images=2)
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]

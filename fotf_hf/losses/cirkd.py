@@ -40,11 +40,35 @@ Each process draws its own random pixels and contrast slots, so with several pro
 memories may drift apart (as in CIRKD); every process must call `forward` in training mode the
 same number of times, since the gather is a collective.
 
-ContrastiveSeg enqueue quirk (tfzhou/ContrastiveSeg#31, copied into CIRKD): when `ptr + k >=
-memory size`, CIRKD writes the *last* k slots and resets `ptr` to 0, overwriting up to k - 1 of
-the entries it has just written while older ones survive. We fix it by default: the pixel memory
-is a true ring buffer (slots `(ptr + 0..k-1) mod size`, `ptr <- (ptr + k) mod size`), so it
-always holds the most recent entries. `legacy_enqueue=True` restores CIRKD's behaviour exactly.
+CIRKD's pixel-memory write differs from the one above in two ways; `legacy_enqueue=True`
+reproduces the first only, so it does not restore CIRKD's behaviour exactly.
+
+1. Wrap-around (ContrastiveSeg quirk, tfzhou/ContrastiveSeg#31, copied into CIRKD): when
+   `ptr + k >= memory size`, CIRKD writes the *last* k slots and resets `ptr` to 0, overwriting up
+   to k - 1 of the entries it has just written while older ones survive. By default the pixel
+   memory here is a true ring buffer (slots `(ptr + 0..k-1) mod size`, `ptr <- (ptr + k) mod size`),
+   so it always holds the most recent entries. `legacy_enqueue=True` uses CIRKD's rule: for the
+   same k per call it writes the same slots and leaves the same `ptr` as CIRKD.
+
+2. Which embeddings are written (not reproduced by either setting). CIRKD's `_dequeue_and_enqueue`
+   (winycg/CIRKD v1 `losses/cirkd_memory.py`, lines 99-101) does, per image and present class c:
+
+       perm = torch.randperm(num_pixel)        # num_pixel = n_c, the pixels of class c in the image
+       K = min(num_pixel, self.pixel_update_freq)
+       feat = this_feat[:, perm[:K]]            # this_feat: (D, h*w), every position of the image
+
+   The permutation runs over 0..n_c-1 but indexes the image's whole flattened map without going
+   through the class's positions (`idxs`), so CIRKD's K "class c" entries are random positions
+   among the first n_c positions of the image in row-major order, whatever their label (other
+   classes and ignored positions included); they are class c only where those positions happen to
+   be. Here both settings write K random embeddings of class c (`idx[randperm(n_c)[:k]]`), i.e.
+   what a class-wise memory is meant to hold. The count K = min(n_c, 16) and the region memory
+   (mean over the class's own positions, one FIFO slot) are the same as CIRKD's.
+
+Also left with `legacy_enqueue=True`: the random draws come from other streams (CIRKD calls
+`torch.randperm` on the CPU generator, here on the embeddings' device), so runs are not
+bit-identical to CIRKD's even where the rules agree; and k is also capped at `pixel_memory_size`
+(CIRKD has no cap; it only matters for memories smaller than `pixel_update_freq`).
 """
 
 from __future__ import annotations
@@ -151,7 +175,9 @@ class CIRKDMemoryLoss(nn.Module):
         pixel_weight / region_weight: lambdas of the two terms (0.1; 0.01 for VOC).
         ignore_index: label value without a class (255).
         pixel_update_freq: at most this many embeddings per image and class enter the pixel memory (16).
-        legacy_enqueue: reproduce CIRKD's pixel-memory write at the wrap-around (module docstring).
+        legacy_enqueue: use CIRKD's wrap-around rule for the pixel memory (write the last k slots,
+            reset ptr to 0) instead of a ring buffer. The written embeddings stay k random ones of
+            the class, unlike CIRKD's (module docstring, point 2), so this is not CIRKD exactly.
 
     Buffers (saved in `state_dict`): `pixel_queue` `(K, pixel_memory_size, Dt)`, `pixel_queue_ptr`
     `(K,)`, `region_queue` `(K, region_memory_size, Dt)`, `region_queue_ptr` `(K,)`. The pixel memory
@@ -252,6 +278,8 @@ class CIRKDMemoryLoss(nn.Module):
                 idx = torch.nonzero(lab == c, as_tuple=False)[:, 0]
                 self._enqueue_region(c, F.normalize(feat[:, idx].mean(dim=1), p=2, dim=0))
                 k = min(idx.numel(), self.pixel_update_freq, self.pixel_memory_size)
+                # k random positions of class c. CIRKD indexes the whole map with randperm(n_c)[:k]
+                # instead (module docstring, point 2); legacy_enqueue does not copy that.
                 chosen = idx[torch.randperm(idx.numel(), device=idx.device)[:k]]
                 self._enqueue_pixels(c, F.normalize(feat[:, chosen].t(), p=2, dim=1))
 
@@ -264,6 +292,7 @@ class CIRKDMemoryLoss(nn.Module):
         k, size = keys.shape[0], self.pixel_memory_size
         ptr = int(self.pixel_queue_ptr[c])
         if self.legacy_enqueue:
+            # CIRKD's (ContrastiveSeg's) slot/pointer rule only; which keys arrive is decided in enqueue().
             if ptr + k >= size:
                 self.pixel_queue[c, size - k :] = keys
                 self.pixel_queue_ptr[c] = 0

@@ -26,7 +26,7 @@ def check_weights_shape(weights: torch.Tensor, logits: torch.Tensor, name: str =
         raise ValueError(
             f"{name} of shape {tuple(weights.shape)} do not broadcast to the student logits "
             f"{tuple(logits.shape)}; expected (B|1, C|1, h|1, w|1), e.g. the output of "
-            f"fotf_hf.uncertainty.uncertainty_weights at the student's logit resolution"
+            f"fotf_hf.fotf.uncertainty_weights at the student's logit resolution"
         )
 
 

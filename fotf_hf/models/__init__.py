@@ -11,7 +11,7 @@ from .modeling_fotf import FotfDeepLabV3ForSemanticSegmentation, FotfPSPNetForSe
 from .outputs import SegmentationFeatures, SegmentationModelOutput
 from .resnet import ResNetV1b
 from .segformer import MIT_VARIANTS
-from .student import SegmentationStudent, set_mc_dropout_p
+from .student import SegmentationStudent, eval_mode, module_device, set_mc_dropout_p
 
 __all__ = [
     "ARCHS",
@@ -31,5 +31,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_cirkd_state_dict",
+    "eval_mode",
+    "module_device",
     "set_mc_dropout_p",
 ]

@@ -7,21 +7,22 @@ Architecture and module names follow CIRKD-v1 / Af-DCD (`models/deeplabv3.py`, `
     head.aspp.b0.{0,1}           1x1 conv, BN              (+ ReLU)
     head.aspp.b{1,2,3}.block.{0,1}  3x3 atrous conv (rates 12/24/36), BN (+ ReLU)
     head.aspp.b4.gap.{1,2}       image pooling: [avgpool], 1x1 conv, BN (+ ReLU, bilinear up)
-    head.aspp.project.{0,1}      1x1 conv 5D->D, BN (+ ReLU, project.3 = Dropout 0.5)
-    head.block.{0,1}             3x3 conv D->D, BN (+ ReLU, block.3 = Dropout 0.1: the MC site)
+    head.aspp.project.{0,1}      1x1 conv 5D->D, BN (+ ReLU, project.3 = Dropout 0.5: the first MC site)
+    head.block.{0,1}             3x3 conv D->D, BN (+ ReLU, block.3 = Dropout 0.1: the last MC site)
     head.block.4                 1x1 classifier D->C
     head.psp.conv{1-4}.{0,1}     PSPNet pyramid (bins 1/2/3/6): 1x1 conv, BN (+ ReLU, bilinear up)
     head.block.{0,1}, head.classifier   PSPNet: 3x3 conv 2*C4->D, BN (+ ReLU, block.3 = Dropout), 1x1
     auxlayer.block.{0,1,4}       aux FCN head on layer3: 3x3 conv, BN (+ ReLU, Dropout 0.1), 1x1
 
 Both models return `SegmentationModelOutput` with logits at 1/8 of the input (not upsampled, as
-CIRKD), and expose `forward_features` (everything up to the MC-dropout site) and `forward_head`
-(dropout + classifier), so `SegmentationStudent` needs no hooks.
+CIRKD), and expose `forward_features` (everything up to the last MC-dropout site), `forward_head`
+(last dropout + classifier), `mc_dropout_sites` (the dropouts on the prediction path, in order)
+and `forward_from_mc_input` (the re-run from the first site that FOTF's `exact` passes use).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,6 @@ __all__ = [
     "FotfDeepLabV3ForSemanticSegmentation",
     "FotfPSPNetForSemanticSegmentation",
     "check_pixel_values",
-    "dropout_classifier",
     "MIN_INPUT_SIZE",
 ]
 
@@ -67,37 +67,6 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int = 3, min_si
             f"pixel_values must be a tensor of shape (B, {num_channels}, H, W) with B >= 1 and H, W >= {min_size}; "
             f"got {got}"
         )
-
-
-def dropout_classifier(
-    head_input: torch.Tensor,
-    classifier: nn.Module,
-    p: float,
-    dropout: bool,
-    mask: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The MC site: `classifier(dropout(head_input))`, or with a given keep-mask `x * mask / (1 - p)`.
-
-    Args:
-        head_input: `(B, D, h, w)`.
-        classifier: 1x1 conv `D -> C`.
-        p: drop probability of the site.
-        dropout: draw a random mask (ignored when `mask` is given or `p == 0`).
-        mask: optional `(B, D, h, w)` keep-mask (bool or {0, 1}).
-
-    Returns:
-        `(logits (B, C, h, w), embedding (B, D, h, w))`; the embedding is the classifier input
-        (after the dropout when it was applied), as CIRKD's `x_feat_after_aspp`.
-    """
-    if mask is not None:
-        if tuple(mask.shape) != tuple(head_input.shape):
-            raise ValueError(f"mask must have head_input's shape {tuple(head_input.shape)}, got {tuple(mask.shape)}")
-        embedding = head_input * mask.to(head_input.dtype) / (1.0 - p)
-    elif dropout and p > 0:
-        embedding = F.dropout(head_input, p, training=True)
-    else:
-        embedding = head_input
-    return classifier(embedding), embedding
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -145,9 +114,13 @@ class ASPP(nn.Module):
         self.b4 = ASPPPooling(in_channels, out_channels)
         self.project = nn.Sequential(*_conv_bn_relu(5 * out_channels, out_channels, 1), nn.Dropout(dropout_prob))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the projection's Dropout (DeepLabV3's first MC site): `(B, 5D)` -> `(B, D, h, w)`."""
         branches = [self.b0(x), self.b1(x), self.b2(x), self.b3(x), self.b4(x)]
-        return self.project(torch.cat(branches, dim=1))
+        return self.project[2](self.project[1](self.project[0](torch.cat(branches, dim=1))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project[3](self.forward_features(x))
 
 
 class DeepLabHead(nn.Module):
@@ -170,9 +143,18 @@ class DeepLabHead(nn.Module):
     def classifier(self) -> nn.Conv2d:
         return self.block[4]
 
-    def forward_features(self, c4: torch.Tensor) -> torch.Tensor:
-        """`(B, C4, h, w)` -> `(B, D, h, w)`: everything before the MC dropout (`block[0:3]`)."""
-        return self.block[2](self.block[1](self.block[0](self.aspp(c4))))
+    @property
+    def mc_sites(self) -> List[nn.Dropout]:
+        """MC sites in order: the ASPP projection's Dropout (0.5 in CIRKD), then the head's (0.1)."""
+        return [self.aspp.project[3], self.block[3]]
+
+    def mc_input(self, c4: torch.Tensor) -> torch.Tensor:
+        """`(B, C4, h, w)` -> `(B, D, h, w)`: the input of the first MC site (ASPP projection's dropout)."""
+        return self.aspp.forward_features(c4)
+
+    def between_sites(self, mc_input: torch.Tensor) -> torch.Tensor:
+        """From the first site's input to the last site's input: ASPP dropout, then `block[0:3]`."""
+        return self.block[2](self.block[1](self.block[0](self.aspp.project[3](mc_input))))
 
 
 class PyramidPooling(nn.Module):
@@ -210,9 +192,17 @@ class PSPHead(nn.Module):
     def dropout(self) -> nn.Dropout:
         return self.block[3]
 
-    def forward_features(self, c4: torch.Tensor) -> torch.Tensor:
+    @property
+    def mc_sites(self) -> List[nn.Dropout]:
+        """One MC site: the head's Dropout before the classifier."""
+        return [self.block[3]]
+
+    def mc_input(self, c4: torch.Tensor) -> torch.Tensor:
         """`(B, C4, h, w)` -> `(B, D, h, w)`: everything before the MC dropout (`block[0:3]`)."""
         return self.block[2](self.block[1](self.block[0](self.psp(c4))))
+
+    def between_sites(self, mc_input: torch.Tensor) -> torch.Tensor:
+        return mc_input
 
 
 class FCNHead(nn.Module):
@@ -298,58 +288,57 @@ class FotfPreTrainedModel(PreTrainedModel):
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
 
-    # --- the MC-dropout site -----------------------------------------------------------------
+    # --- the MC-dropout sites ----------------------------------------------------------------
 
     def get_mc_dropout(self) -> nn.Dropout:
-        """The dropout right before the classifier (CIRKD `head.block.3`): FOTF's Monte-Carlo site."""
+        """The dropout right before the classifier (CIRKD `head.block.3`): the last MC site."""
         return self.head.dropout
 
     def get_classifier(self) -> nn.Conv2d:
-        """The 1x1 classifier `D -> C` after the MC dropout."""
+        """The 1x1 classifier `D -> C` after the last MC site."""
         return self.head.classifier
+
+    def mc_dropout_sites(self) -> List[nn.Dropout]:
+        """The dropouts on the main prediction path in order (not the aux head's): DeepLabV3 two, PSPNet one."""
+        return self.head.mc_sites
+
+    def forward_from_mc_input(self, mc_input: torch.Tensor) -> torch.Tensor:
+        """Re-run from the first MC site: `(B, D, h, w)` `mc_input` -> logits `(B, C, h, w)`."""
+        return self.forward_head(self.head.between_sites(mc_input))[0]
 
     # --- forward -----------------------------------------------------------------------------
 
     def forward_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> SegmentationFeatures:
-        """Everything up to (not including) the MC dropout.
+        """Everything up to (not including) the last MC site.
 
         Args:
             pixel_values: `(B, 3, H, W)`, H, W >= 16, normalised as `config.image_normalization`.
             output_hidden_states: also return the four backbone stages `(c1, c2, c3, c4)`.
 
         Returns:
-            `SegmentationFeatures` with `head_input` `(B, D, H/8, W/8)`, `aux_logits`
-            `(B, C, H/8, W/8)` (None without aux head), `backbone_features` = c4 `(B, C4, H/8, W/8)`.
+            `SegmentationFeatures` with `mc_input` `(B, D, H/8, W/8)` (the first MC site's input),
+            `head_input` `(B, D, H/8, W/8)` (the last site's), `aux_logits` `(B, C, H/8, W/8)`
+            (None without aux head), `backbone_features` = c4 `(B, C4, H/8, W/8)`.
         """
         check_pixel_values(pixel_values)
         c1, c2, c3, c4 = self.pretrained(pixel_values)
+        mc_input = self.head.mc_input(c4)
         return SegmentationFeatures(
-            head_input=self.head.forward_features(c4),
+            head_input=self.head.between_sites(mc_input),
+            mc_input=mc_input,
             aux_logits=None if self.auxlayer is None else self.auxlayer(c3),
             backbone_features=c4,
             hidden_states=(c1, c2, c3, c4) if output_hidden_states else None,
         )
 
-    def forward_head(
-        self,
-        head_input: torch.Tensor,
-        dropout: Optional[bool] = None,
-        mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """MC dropout + classifier on `head_input`.
+    def forward_head(self, head_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Last MC site (active in train mode) + classifier: `(B, D, h, w)` -> `(logits (B, C, h, w), embedding)`.
 
-        Args:
-            head_input: `(B, D, h, w)` from `forward_features`.
-            dropout: apply the dropout (rate `config.classifier_dropout_prob`); None = as `self.training`.
-            mask: optional `(B, D, h, w)` keep-mask (bool or {0, 1}); applied as `x * mask / (1 - p)`
-                instead of a random draw (then `dropout` is ignored).
-
-        Returns:
-            `(logits (B, C, h, w), embedding (B, D, h, w))`; the embedding is the classifier input
-            (after the dropout when it was applied), as CIRKD's `x_feat_after_aspp`.
+        The embedding is the classifier input (after the dropout when it was active), as CIRKD's
+        `x_feat_after_aspp`.
         """
-        apply = self.training if dropout is None else dropout
-        return dropout_classifier(head_input, self.get_classifier(), self.get_mc_dropout().p, apply, mask)
+        embedding = self.get_mc_dropout()(head_input)
+        return self.get_classifier()(embedding), embedding
 
     def forward(
         self,
@@ -391,6 +380,7 @@ class FotfPreTrainedModel(PreTrainedModel):
             embedding=embedding,
             backbone_features=features.backbone_features,
             head_input=features.head_input,
+            mc_input=features.mc_input,
             hidden_states=features.hidden_states,
         )
         return output if return_dict else output.to_tuple()

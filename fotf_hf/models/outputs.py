@@ -14,11 +14,14 @@ from transformers.utils import ModelOutput
 
 @dataclass
 class SegmentationFeatures(ModelOutput):
-    """Everything a model computes up to (not including) its last stochastic layer.
+    """Everything a model computes up to (not including) its last MC-dropout site.
 
     Args:
-        head_input: `(B, D, h, w)` activations that enter the MC-dropout site. Re-running only
-            `dropout -> classifier` on this tensor gives a new Monte-Carlo sample of the logits.
+        head_input: `(B, D, h, w)` activations that enter the last MC-dropout site (the one
+            before the classifier).
+        mc_input: activations that enter the first MC site (DeepLabV3: the ASPP projection's
+            dropout; equal to `head_input` for one-site models; SegFormer with encoder dropout:
+            `pixel_values`). Re-running the model from there is one exact MC pass.
         aux_logits: `(B, C, h', w')` auxiliary FCN-head logits (ResNet models with the aux head),
             or None.
         backbone_features: `(B, C4, h, w)` output of the last backbone stage (Af-DCD distils this),
@@ -27,6 +30,7 @@ class SegmentationFeatures(ModelOutput):
     """
 
     head_input: torch.FloatTensor = None
+    mc_input: Optional[torch.FloatTensor] = None
     aux_logits: Optional[torch.FloatTensor] = None
     backbone_features: Optional[torch.FloatTensor] = None
     hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
@@ -48,6 +52,7 @@ class SegmentationModelOutput(ModelOutput):
         backbone_features: `(B, C4, h, w)` last backbone stage or None.
         head_input: `(B, D, h, w)` the features before the MC-dropout site (see
             `SegmentationFeatures`); kept so MC samples need no second trunk pass.
+        mc_input: the first MC site's input (see `SegmentationFeatures`).
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -56,4 +61,5 @@ class SegmentationModelOutput(ModelOutput):
     embedding: Optional[torch.FloatTensor] = None
     backbone_features: Optional[torch.FloatTensor] = None
     head_input: Optional[torch.FloatTensor] = None
+    mc_input: Optional[torch.FloatTensor] = None
     hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None

@@ -1,9 +1,11 @@
 """SegFormer (transformers' `SegformerForSemanticSegmentation`) as an FOTF student/teacher.
 
 SegFormer is used as transformers ships it; this file only holds the MiT size table, a config
-builder, and a re-implementation of the first lines of `SegformerDecodeHead.forward` that stops
-right before the decode head's `dropout` (the MC-dropout site, `classifier_dropout_prob`), so the
-fused features can be cached and the head resampled without hooks.
+builder, a re-implementation of the first lines of `SegformerDecodeHead.forward` that stops
+right before the decode head's `dropout` (the last MC-dropout site, `classifier_dropout_prob`),
+so the fused features can be cached, and the model's MC sites: that dropout, preceded by the
+encoder's hidden-state dropouts when `hidden_dropout_prob > 0` (then an exact MC pass re-runs the
+whole model). Stochastic depth (`drop_path_rate`) is never an MC site.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from .outputs import SegmentationFeatures
@@ -25,6 +28,8 @@ __all__ = [
     "segformer_config",
     "segformer_config_fields",
     "segformer_forward_features",
+    "segformer_mc_sites",
+    "segformer_forward_from_mc_input",
     "segformer_projections",
     "segformer_from_pretrained",
 ]
@@ -118,7 +123,7 @@ def segformer_forward_features(
 
     Returns:
         `SegmentationFeatures` with `head_input` `(B, D, H/4, W/4)` (D = `decoder_hidden_size`),
-        `aux_logits` None and `backbone_features` = the last encoder stage `(B, C4, H/32, W/32)`.
+        `mc_input` (`head_input`, or `pixel_values` when the encoder has MC sites), `aux_logits` None and `backbone_features` = the last encoder stage `(B, C4, H/32, W/32)`.
     """
     head = model.decode_head
     hidden_states = _encoder_hidden_states(model, pixel_values)
@@ -138,10 +143,35 @@ def segformer_forward_features(
     last = hidden_states[-1]
     return SegmentationFeatures(
         head_input=fused,
+        mc_input=pixel_values if _encoder_sites(model) else fused,
         aux_logits=None,
         backbone_features=last if last.ndim == 4 else None,
         hidden_states=tuple(hidden_states) if output_hidden_states else None,
     )
+
+
+def _encoder_sites(model: SegformerForSemanticSegmentation) -> List[nn.Dropout]:
+    if getattr(model.config, "attention_probs_dropout_prob", 0.0):
+        raise ValueError(
+            f"attention_probs_dropout_prob = {model.config.attention_probs_dropout_prob} is not supported with MC "
+            "dropout: transformers' SegFormer applies it inside the attention function, where FOTF cannot draw its "
+            "masks; set it to 0 (hidden_dropout_prob > 0 gives encoder MC sites)"
+        )
+    return [m for m in model.segformer.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+
+
+def segformer_mc_sites(model: SegformerForSemanticSegmentation) -> List[nn.Dropout]:
+    """MC sites in order: the encoder's hidden dropouts with p > 0 (none by default), then the decode
+    head's `dropout` before the classifier."""
+    return _encoder_sites(model) + [model.decode_head.dropout]
+
+
+def segformer_forward_from_mc_input(model: SegformerForSemanticSegmentation, mc_input: torch.Tensor) -> torch.Tensor:
+    """Re-run from the first MC site: logits `(B, C, H/4, W/4)` from `SegmentationFeatures.mc_input`."""
+    head = model.decode_head
+    if _encoder_sites(model):  # mc_input is pixel_values: the first site is in the encoder
+        mc_input = segformer_forward_features(model, mc_input).head_input
+    return head.classifier(head.dropout(mc_input))
 
 
 def segformer_from_pretrained(

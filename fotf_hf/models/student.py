@@ -1,37 +1,38 @@
 """`SegmentationStudent`: the one interface the training loop, FOTF and evaluation use for every model family.
 
-Every supported model ends in `... -> ReLU -> Dropout(p) -> 1x1 conv classifier`:
+Every supported model ends in `... -> ReLU -> Dropout(p) -> 1x1 conv classifier`, and declares its
+Monte-Carlo dropout sites, the dropouts on its main prediction path, in order:
 
-    DeepLabV3 (CIRKD)  head.block[0:3] -> head.block[3] (Dropout 0.1) -> head.block[4]
-    PSPNet (CIRKD)     head.block[0:3] -> head.block[3] (Dropout 0.1) -> head.classifier
-    SegFormer (HF)     decode_head ... activation -> decode_head.dropout -> decode_head.classifier
+    DeepLabV3 (CIRKD)  head.aspp.project[3] (Dropout 0.5), head.block[3] (Dropout 0.1) -> head.block[4]
+    PSPNet (CIRKD)     head.block[3] (Dropout 0.1) -> head.classifier
+    SegFormer (HF)     [encoder hidden dropouts, when > 0], decode_head.dropout -> decode_head.classifier
 
-That dropout is the Monte-Carlo site. `forward_features` computes everything before it (the
-`head_input`), `forward_head` applies dropout + classifier, so T Monte-Carlo samples cost one trunk
-pass plus T cheap 1x1 convs (`sample_logits`), and `sample_logits_naive` is the paper's T full
-forwards for comparison.
+`forward_features` computes everything before the last site and caches the first site's input
+(`mc_input`); `forward_head` applies the last site + classifier; `sample_logits` draws the T
+stochastic passes FOTF asks for (`exact`: re-run from the first site on the cached input;
+`naive`: T full forwards; `classifier`: the last site only, an approximation).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, SegformerForSemanticSegmentation
 
-from ..uncertainty import mc_dropout_linear, mc_dropout_linear_std
-from .modeling_fotf import FotfPreTrainedModel, check_pixel_values, dropout_classifier, segmentation_loss
+from ..fotf import MODES as MC_MODES
+from .mc import mc_dropout_passes
+from .modeling_fotf import FotfPreTrainedModel, check_pixel_values, segmentation_loss
 from .outputs import SegmentationFeatures, SegmentationModelOutput
-from .segformer import segformer_forward_features
+from .segformer import segformer_forward_features, segformer_forward_from_mc_input, segformer_mc_sites
 
-__all__ = ["SegmentationStudent", "set_mc_dropout_p", "mc_dropout_site", "preserve_batchnorm_stats"]
-
+__all__ = ["SegmentationStudent", "set_mc_dropout_p", "mc_dropout_site", "eval_mode", "module_device"]
 
 def mc_dropout_site(model: PreTrainedModel) -> Tuple[nn.Dropout, nn.Conv2d]:
-    """`(dropout, classifier)` of the MC site of a supported model (see the module docstring)."""
+    """`(dropout, classifier)`: the last MC site of a supported model and the classifier after it."""
     if isinstance(model, FotfPreTrainedModel):
         return model.get_mc_dropout(), model.get_classifier()
     if isinstance(model, SegformerForSemanticSegmentation):
@@ -43,7 +44,7 @@ def mc_dropout_site(model: PreTrainedModel) -> Tuple[nn.Dropout, nn.Conv2d]:
 
 
 def set_mc_dropout_p(model: PreTrainedModel, p: float) -> None:
-    """Set the MC-site dropout rate `p` in [0, 1) in both the config (saved) and the live module."""
+    """Set the last MC site's dropout rate `p` in [0, 1) in both the config (saved) and the live module."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         raise ValueError(f"mc_dropout_p = {p!r} is not accepted: it must be a number in [0, 1)")
     dropout, _ = mc_dropout_site(model)
@@ -51,26 +52,27 @@ def set_mc_dropout_p(model: PreTrainedModel, p: float) -> None:
     dropout.p = float(p)
 
 
-@contextlib.contextmanager
-def preserve_batchnorm_stats(module: nn.Module) -> Iterator[None]:
-    """Run forwards that leave every BatchNorm's running statistics untouched.
+def module_device(module, fallback: Optional[torch.device] = None) -> torch.device:
+    """Device of the module's first parameter or buffer (`fallback`, else CPU, when it has none)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return fallback or torch.device("cpu")
 
-    Why: extra forwards in train mode (naive MC sampling) must not move the running statistics,
-    or evaluation would depend on how many samples FOTF drew. Switching `track_running_stats`
-    off (instead of restoring the buffers afterwards) also never writes to the buffers in place,
-    which matters because the main training forward saved them for its backward pass.
-    In train mode BN still normalises with batch statistics; in eval mode with the running ones.
+
+@contextlib.contextmanager
+def eval_mode(module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards.
+
+    Per-module restore, not `module.train(previous)`: a training student may hold submodules that
+    are deliberately in eval mode (frozen BN, a frozen teacher inside a wrapper).
     """
-    switched = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            m.track_running_stats = False
-            switched.append(m)
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
         yield
     finally:
-        for m in switched:
-            m.track_running_stats = True
+        for m, flag in flags:
+            m.training = flag
 
 
 class SegmentationStudent(nn.Module):
@@ -86,8 +88,7 @@ class SegmentationStudent(nn.Module):
         model: the wrapped `PreTrainedModel`.
         config: `model.config`.
         num_labels: number of classes C.
-        mc_dropout_p: dropout rate of the MC site (`config.classifier_dropout_prob`); 0.0 when the
-            model has no active dropout there (then FOTF refuses to sample without an explicit p).
+        mc_dropout_p: dropout rate of the last MC site (`config.classifier_dropout_prob`).
 
     Shapes: B batch, C classes, D head width (128/256 ResNet, decoder width SegFormer), h x w the
     logit grid (H/8 x W/8 ResNet, H/4 x W/4 SegFormer), T samples.
@@ -118,7 +119,7 @@ class SegmentationStudent(nn.Module):
         return isinstance(self.model, SegformerForSemanticSegmentation)
 
     def get_classifier(self) -> nn.Conv2d:
-        """The 1x1 classifier `D -> C` after the MC dropout."""
+        """The 1x1 classifier `D -> C` after the last MC site."""
         return mc_dropout_site(self.model)[1]
 
     def save_pretrained(self, *args, **kwargs):
@@ -128,13 +129,14 @@ class SegmentationStudent(nn.Module):
     # --- the split forward -------------------------------------------------------------------
 
     def forward_features(self, pixel_values: torch.Tensor) -> SegmentationFeatures:
-        """Trunk + head up to (not including) the MC dropout.
+        """Trunk + head up to (not including) the last MC site.
 
         Args:
             pixel_values: `(B, 3, H, W)`, H, W >= 16.
 
         Returns:
-            `SegmentationFeatures`: `head_input` `(B, D, h, w)`, `aux_logits` `(B, C, h, w)` (None for
+            `SegmentationFeatures`: `head_input` `(B, D, h, w)`, `mc_input` (the first site's
+            input), `aux_logits` `(B, C, h, w)` (None for
             SegFormer or without aux head), `backbone_features` (ResNet c4 `(B, C4, H/8, W/8)`,
             SegFormer last stage `(B, C4, H/32, W/32)`).
         """
@@ -143,25 +145,18 @@ class SegmentationStudent(nn.Module):
             return segformer_forward_features(self.model, pixel_values)
         return self.model.forward_features(pixel_values)
 
-    def forward_head(
-        self,
-        head_input: torch.Tensor,
-        dropout: Optional[bool] = None,
-        mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """MC dropout + classifier.
+    def forward_head(self, head_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Last MC site (active in train mode) + classifier.
 
         Args:
             head_input: `(B, D, h, w)`.
-            dropout: apply dropout at rate `mc_dropout_p`; None = as `self.training`.
-            mask: `(B, D, h, w)` keep-mask (bool or {0, 1}), applied as `x * mask / (1 - p)`
-                (overrides `dropout`).
 
         Returns:
             `(logits (B, C, h, w), embedding (B, D, h, w))`; embedding = the classifier input.
         """
-        apply = self.training if dropout is None else dropout
-        return dropout_classifier(head_input, self.get_classifier(), self.mc_dropout_p, apply, mask)
+        dropout, classifier = mc_dropout_site(self.model)
+        embedding = dropout(head_input)
+        return classifier(embedding), embedding
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None) -> SegmentationModelOutput:
         """One pass; the MC-site dropout is active in train mode (as CIRKD trains), off in eval mode.
@@ -188,6 +183,7 @@ class SegmentationStudent(nn.Module):
             embedding=embedding,
             backbone_features=features.backbone_features,
             head_input=features.head_input,
+            mc_input=features.mc_input,
         )
 
     def _loss(self, logits, aux_logits, labels) -> torch.Tensor:
@@ -204,99 +200,70 @@ class SegmentationStudent(nn.Module):
 
     # --- Monte-Carlo sampling ----------------------------------------------------------------
 
-    @torch.no_grad()
+    def mc_dropout_sites(self) -> List[nn.Dropout]:
+        """The model's MC sites (see the module docstring): in call order for DeepLabV3/PSPNet; SegFormer's
+        encoder sites in module order (masks are always consumed in call order)."""
+        if self.is_segformer:
+            return segformer_mc_sites(self.model)
+        return self.model.mc_dropout_sites()
+
     def sample_logits(
         self,
-        head_input: torch.Tensor,
         num_samples: int,
-        p: Optional[float] = None,
-        masks: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> torch.Tensor:
-        """T head-only MC-dropout samples on cached features (always sampled, also in eval mode).
-
-        Args:
-            head_input: `(B, D, h, w)` from `forward_features` (detached internally).
-            num_samples: T.
-            p: drop probability in (0, 1); None = `mc_dropout_p`.
-            masks: optional `(T, B, D, h, w)` keep-masks (then the draw is deterministic).
-            generator: RNG for the masks (None = global RNG).
-
-        Returns:
-            `(T, B, C, h, w)` fp32 logits.
-        """
-        p = self._mc_p(p)
-        classifier = self.get_classifier()
-        return mc_dropout_linear(head_input, classifier.weight, classifier.bias, num_samples, p,
-                                 masks=masks, generator=generator)
-
-    @torch.no_grad()
-    def sample_std(
-        self,
-        head_input: torch.Tensor,
-        num_samples: int,
+        mode: str = "exact",
+        features: Optional[SegmentationFeatures] = None,
+        pixel_values: Optional[torch.Tensor] = None,
         p: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> torch.Tensor:
-        """sigma (eq. 6) of `sample_logits`' softmax without storing the T samples (`mc_dropout_linear_std`).
+        masks: Optional[Sequence[Sequence[torch.Tensor]]] = None,
+    ) -> Iterator[torch.Tensor]:
+        """T Monte-Carlo dropout passes, yielded one at a time (always stochastic, also in eval mode).
 
         Args:
-            head_input: `(B, D, h, w)` from `forward_features` (detached internally).
-            num_samples: T >= 2.
-            p: drop probability in (0, 1); None = `mc_dropout_p`.
-            generator: RNG for the drops (None = global RNG); the same generator state gives the
-                same draws as `sample_logits`.
+            num_samples: T >= 1.
+            mode: `exact` (re-run from the first MC site on `features.mc_input`), `naive` (full
+                forwards of `pixel_values`) or `classifier` (last site + classifier on
+                `features.head_input`; misses earlier sites). BatchNorm keeps the model's mode and
+                its running statistics are not updated; nothing but the sites is random.
+            features: this step's `forward_features` / `forward` output (`exact`, `classifier`).
+            pixel_values: `(B, 3, H, W)` (`naive`).
+            p: drop rate for every site during the passes; None = each site's own rate.
+            generator: source of the masks (None = torch's global generator).
+            masks: optional keep-masks, `masks[t]` = one tensor per site call of pass t, in order.
 
-        Returns:
-            `(B, C, h, w)` fp32 per-pixel, per-class std of the class probabilities.
+        Yields:
+            T logits `(B, C, h, w)` without gradient, in the model's (autocast) dtype.
         """
-        classifier = self.get_classifier()
-        return mc_dropout_linear_std(head_input, classifier.weight, classifier.bias, num_samples, self._mc_p(p),
-                                     generator=generator)
-
-    def _mc_p(self, p: Optional[float]) -> float:
-        p = self.mc_dropout_p if p is None else p
-        if not 0.0 < p < 1.0:
+        if mode not in MC_MODES:
+            raise ValueError(f"mode = {mode!r} is not valid; choose one of: {', '.join(MC_MODES)}")
+        sites = self.mc_dropout_sites()
+        if mode == "classifier":
+            sites = sites[-1:]
+        if not any((site.p if p is None else p) > 0 for site in sites):
             raise ValueError(
-                f"{type(self.model).__name__} has no active dropout site (mc_dropout_p = {self.mc_dropout_p}) and p = "
-                f"{p!r}: MC dropout needs p in (0, 1)"
+                f"{type(self.model).__name__} has no active MC dropout site (rates {[s.p for s in sites]}) and p = "
+                f"{p!r}: MC dropout needs a rate in (0, 1); set the model's dropout or fotf.p"
             )
-        return p
+        needed = "pixel_values" if mode == "naive" else "features"
+        if (pixel_values if mode == "naive" else features) is None:
+            raise ValueError(f"sample_logits(mode={mode!r}) needs {needed}; got None")
+        if masks is not None and len(masks) != num_samples:
+            raise ValueError(f"masks holds {len(masks)} passes but num_samples = {num_samples}")
+        return self._passes(num_samples, mode, features, pixel_values, sites, p, generator, masks)
 
-    @torch.no_grad()
-    def sample_logits_naive(
-        self,
-        pixel_values: torch.Tensor,
-        num_samples: int,
-        masks: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """T full forwards with the MC-site dropout on (the paper's profiled "naive" implementation).
+    def _passes(self, num_samples, mode, features, pixel_values, sites, p, generator, masks):
+        for t in range(num_samples):
+            # no_grad per pass, not around the loop: the caller's grad mode holds between yields
+            with torch.no_grad(), mc_dropout_passes(self.model, sites, p, generator, None if masks is None else masks[t]):
+                if mode == "exact":
+                    logits = self._forward_from_mc_input(features.mc_input.detach())
+                elif mode == "classifier":
+                    logits = self.forward_head(features.head_input.detach())[0]
+                else:
+                    logits = self.forward(pixel_values).logits
+            yield logits
 
-        The trunk runs in the current train/eval mode: in train mode its other stochastic layers
-        (DeepLabV3's ASPP Dropout(0.5), SegFormer's DropPath) are sampled too and BatchNorm
-        normalises with batch statistics, but the BN running statistics are restored afterwards.
-        In eval mode only the MC site is random, and the samples follow the same distribution as
-        `sample_logits` (identical for identical masks).
-
-        Args:
-            pixel_values: `(B, 3, H, W)`.
-            num_samples: T.
-            masks: optional `(T, B, D, h, w)` keep-masks; sample t uses `masks[t]`.
-
-        Returns:
-            `(T, B, C, h, w)` logits in the model's dtype.
-        """
-        if masks is not None and masks.shape[0] != num_samples:
-            raise ValueError(f"masks must be (T, B, D, h, w) with T = {num_samples}, got shape {tuple(masks.shape)}")
-        if masks is None and not self.mc_dropout_p > 0:
-            raise ValueError(
-                f"{type(self.model).__name__} has no active dropout site (mc_dropout_p = {self.mc_dropout_p}): "
-                f"naive MC sampling runs the model's own dropout"
-            )
-        samples = []
-        with preserve_batchnorm_stats(self.model):
-            for t in range(num_samples):
-                features = self.forward_features(pixel_values)
-                logits, _ = self.forward_head(features.head_input, dropout=True, mask=None if masks is None else masks[t])
-                samples.append(logits)
-        return torch.stack(samples)
+    def _forward_from_mc_input(self, mc_input: torch.Tensor) -> torch.Tensor:
+        if self.is_segformer:
+            return segformer_forward_from_mc_input(self.model, mc_input)
+        return self.model.forward_from_mc_input(mc_input)

@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, ExperimentConfig, save_config
+from ..fotf import FOTF
+from .log_history import LOG_HISTORY_FILE, append_log_line, truncate_log_history
 from .module import DistillationModule
+from .precision import resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
 
@@ -183,25 +186,9 @@ class SeededTransformDataset(torch.utils.data.Dataset):
 
 def build_criterion_and_fotf(cfg: ExperimentConfig, student, teacher, num_labels: int):
     from ..losses import build_criterion
-    from ..uncertainty import FOTF
 
     criterion = build_criterion(cfg.method, cfg.data.name, student=student, teacher=teacher, num_labels=num_labels)
-    fotf = None
-    if cfg.fotf.enabled:
-        f = cfg.fotf
-        fotf = FOTF(
-            num_samples=f.num_samples,
-            p=f.p,
-            m=f.m,
-            kappa=f.kappa,
-            weighting=f.weighting,
-            merge_kd=f.merge_kd,
-            merge_ce=f.merge_ce,
-            apply_to=f.apply_to,
-            mode=f.mode,
-            source=f.source,
-        )
-    return criterion, fotf
+    return criterion, FOTF.from_config(cfg.fotf)
 
 
 def build_optimizer(cfg: ExperimentConfig, module: torch.nn.Module):
@@ -320,15 +307,21 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
 
     Writes into `cfg.run.output_dir`: the student (`config.json`, `model.safetensors`), the
     resolved `fotf_config.yaml`, `metrics.json`, `best/`, `checkpoints/`, `panels/`,
-    `reliability.png`, tracker logs and the model card `README.md`.
+    `reliability.png`, tracker logs, `log_history.jsonl` (one JSON line per logging step: lr, loss,
+    its terms and the `fotf/` statistics; see `training/log_history.py`) and the model card `README.md`.
     """
     from ..data import create_dataloader
     from ..evaluation import evaluate_model
 
     out_dir = Path(cfg.run.output_dir)
     if accelerator is None:
+        # `auto` follows the hardware of the device this process will train on (PartialState is the
+        # state the Accelerator below reuses); the choice is logged and printed once. `cpu=` as the
+        # Accelerator reads it: without it a CPU launch's PartialState sees a single process.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         accelerator = Accelerator(
-            mixed_precision=cfg.run.mixed_precision,
+            mixed_precision=resolve_mixed_precision(cfg.run.mixed_precision, state.device,
+                                                    announce=state.print),
             gradient_accumulation_steps=cfg.optim.grad_accum_steps,
             log_with=cfg.run.report_to or None,
             project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
@@ -365,6 +358,12 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    log_history = out_dir / LOG_HISTORY_FILE
+    if accelerator.is_main_process:
+        if checkpoint is not None:  # drop lines logged after the checkpoint (killed before the next one)
+            truncate_log_history(log_history, state.step)
+        elif log_history.exists():  # another run's log: keep it, beside the new one
+            os.replace(log_history, log_history.with_name(f"log_history.{int(time.time())}.jsonl"))
 
     steps_per_epoch = len(train_loader) // cfg.optim.grad_accum_steps
     if steps_per_epoch < 1:
@@ -412,8 +411,12 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
                     accelerator.clip_grad_norm_(module.parameters(), cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for name, value in {**terms, **step_out.fotf_stats}.items():
-                running[name] = running.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+            for name, value in {**terms, **{f"fotf/{k}": v for k, v in step_out.fotf_stats.items()}}.items():
+                value = float(value.detach() if torch.is_tensor(value) else value)
+                if name.endswith("_max"):  # logged as the max over the interval, everything else as the mean
+                    running[name] = max(running.get(name, value), value)
+                else:
+                    running[name] = running.get(name, 0.0) + value
             running_count += 1
         scheduler.step()
         state.step += 1
@@ -421,11 +424,18 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
         progress.update(1)
 
         if state.step % cfg.run.log_every == 0 or state.step == cfg.optim.max_steps:
-            logs = {f"train/{k}": v / running_count for k, v in running.items()}
-            logs["train/loss"] = sum(logs[f"train/{name}"] for name in terms)
-            logs["train/lr"] = scheduler.get_last_lr()[0]
-            accelerator.log(logs, step=state.step)
-            progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
+            means = {k: v if k.endswith("_max") else v / running_count for k, v in running.items()}
+            log_line = {"step": state.step, "lr": float(scheduler.get_last_lr()[0]),
+                        "loss": sum(means[name] for name in terms)}
+            log_line.update({name: means[name] for name in terms})
+            log_line.update({k: v for k, v in means.items() if k.startswith("fotf/")})
+            if accelerator.is_main_process:
+                append_log_line(log_history, log_line)
+            tracked = {k if k.startswith("fotf/") else f"train/{k}": v for k, v in log_line.items() if k != "step"}
+            accelerator.log(tracked, step=state.step)
+            progress.set_postfix(loss=f"{log_line['loss']:.4f}", lr=f"{log_line['lr']:.2e}")
+            if not cfg.run.progress_bar:  # the bar shows the loss; without it, one line per logging step
+                accelerator.print(f"step {state.step}: loss {log_line['loss']:.4f}  lr {log_line['lr']:.2e}")
             running, running_count = {}, 0
 
         last = state.step == cfg.optim.max_steps
@@ -481,8 +491,8 @@ def _check_finite(accelerator: Accelerator, terms: Dict[str, torch.Tensor], step
     if flag.item() > 0:
         values = {name: float(terms[name].detach()) for name in terms}
         advice = ["lower optim.lr", "set optim.max_grad_norm"]
-        if cfg.run.mixed_precision != "no":
-            advice.append(f"try run.mixed_precision 'no' (now {cfg.run.mixed_precision!r})")
+        if accelerator.mixed_precision != "no":
+            advice.append(f"try run.mixed_precision 'no' (now {accelerator.mixed_precision!r})")
         largest = max((float(v) for k, v in fotf_stats.items() if k.startswith("weight_") and k.endswith("_max")),
                       default=None)
         fotf_note = ""
@@ -525,7 +535,6 @@ def _write_panels(cfg, module, eval_set, info, accelerator, step: int) -> None:
         step=step,
         num_images=cfg.run.num_panels,
         fotf=module.fotf,
-        num_samples=cfg.fotf.num_samples,
         normalization=cfg.data.normalization,
         device=accelerator.device,
     )

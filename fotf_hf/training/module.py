@@ -23,7 +23,7 @@ class StepOutput:
     Args:
         terms: named, already weighted scalar loss terms (their sum is the loss).
         student: the student's outputs (logits `(B, C, h, w)` ...).
-        fotf_stats: scalars for logging (mean/max sigma, mean weights), empty without FOTF.
+        fotf_stats: 0-dim tensors for logging (`FotfResult.stats`), empty without FOTF.
     """
 
     terms: Dict[str, torch.Tensor]
@@ -34,10 +34,10 @@ class StepOutput:
 class DistillationModule(nn.Module):
     """`student` (a `SegmentationStudent`), an optional `FOTF` object and a criterion, composed.
 
-    The forward runs the student once with gradients; FOTF (when configured) resamples only the
-    student's head on the detached cached features, under `no_grad`, to get the weights (naive
-    student sampling, which needs only the pixels, runs before the forward instead); the
-    criterion turns the tensors into named loss terms. No formula lives here.
+    The forward runs the student once with gradients; FOTF (when configured) draws its T passes
+    under `no_grad` from the detached cached features to get the weights (naive student
+    sampling, which needs only the pixels, runs before the forward instead); the criterion turns
+    the tensors into named loss terms. No formula lives here.
     """
 
     def __init__(self, student: nn.Module, criterion: nn.Module, fotf: Optional[nn.Module] = None):
@@ -54,18 +54,13 @@ class DistillationModule(nn.Module):
         teacher: Optional[nn.Module] = None,
     ) -> StepOutput:
         result = None
-        if self.fotf is not None and not getattr(self.fotf, "needs_head_input", True):
+        if self.fotf is not None and not self.fotf.needs_features:
             # naive student sampling: before the graph exists, so the peaks do not add up
             result = self.fotf(self.student, None, pixel_values=pixel_values)
         out = self.student(pixel_values)
         if self.fotf is not None and result is None:
-            result = self.fotf(
-                self.student,
-                out.head_input.detach(),
-                pixel_values=pixel_values,
-                teacher=teacher,
-                teacher_head_input=None if teacher_out is None else teacher_out.head_input,
-            )
+            result = self.fotf(self.student, out, pixel_values=pixel_values, teacher=teacher,
+                               teacher_features=teacher_out)
         weights, stats = (None, {}) if result is None else (result.weights, result.stats)
         inputs = LossInputs(
             student_logits=out.logits,
