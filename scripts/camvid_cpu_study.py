@@ -17,6 +17,11 @@
 
 Resumable: a finished run (metrics.json with an "evaluation" entry) is skipped, an interrupted one
 continues from its last checkpoint. Weights and checkpoints stay under outputs/camvid_cpu/.
+
+The FOTF configs now use `mode: exact` and the literal merges (KD `per_pixel`, CE `per_class`);
+the runs in RESULTS.md were made before that with the old `head` mode (now `classifier`) and the
+other reading (KD `per_class`, CE `per_pixel`), so a rerun is not the same experiment. The YAML
+comments in scripts/configs/camvid_cpu/ give the overrides that restore the old runs.
 """
 
 import argparse
