@@ -416,8 +416,10 @@ def test_mc_sites_are_the_dropouts_of_the_prediction_path():
     active = list({id(m): m for m in called if m.p > 0}.values())
     assert sites[-1] is enc.decode_head.dropout and len(sites) == len(active) == 9  # 4 stages x 2, + head
     assert {id(m) for m in sites} == {id(m) for m in active} and all(m.p == 0.2 for m in sites[:-1])
+    with_attention_dropout = SegmentationStudent(tiny("segformer", attention_probs_dropout_prob=0.1))
+    assert with_attention_dropout(torch.randn(1, 3, 32, 32)).logits.shape[1] == enc.config.num_labels  # plain use works
     with pytest.raises(ValueError, match="attention_probs_dropout_prob = 0.1 is not supported with MC dropout"):
-        SegmentationStudent(tiny("segformer", attention_probs_dropout_prob=0.1)).mc_dropout_sites()
+        with_attention_dropout.mc_dropout_sites()
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -143,11 +143,16 @@ def segformer_forward_features(
     last = hidden_states[-1]
     return SegmentationFeatures(
         head_input=fused,
-        mc_input=pixel_values if _encoder_sites(model) else fused,
+        mc_input=pixel_values if _has_encoder_sites(model) else fused,
         aux_logits=None,
         backbone_features=last if last.ndim == 4 else None,
         hidden_states=tuple(hidden_states) if output_hidden_states else None,
     )
+
+
+def _has_encoder_sites(model: SegformerForSemanticSegmentation) -> bool:
+    """Whether the encoder's hidden dropouts are MC sites (a config fact: no module walk per forward)."""
+    return getattr(model.config, "hidden_dropout_prob", 0.0) > 0
 
 
 def _encoder_sites(model: SegformerForSemanticSegmentation) -> List[nn.Dropout]:
@@ -169,7 +174,7 @@ def segformer_mc_sites(model: SegformerForSemanticSegmentation) -> List[nn.Dropo
 def segformer_forward_from_mc_input(model: SegformerForSemanticSegmentation, mc_input: torch.Tensor) -> torch.Tensor:
     """Re-run from the first MC site: logits `(B, C, H/4, W/4)` from `SegmentationFeatures.mc_input`."""
     head = model.decode_head
-    if _encoder_sites(model):  # mc_input is pixel_values: the first site is in the encoder
+    if _has_encoder_sites(model):  # mc_input is pixel_values: the first site is in the encoder
         mc_input = segformer_forward_features(model, mc_input).head_input
     return head.classifier(head.dropout(mc_input))
 
