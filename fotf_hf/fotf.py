@@ -104,16 +104,23 @@ class FotfConfig:
         if self.p is not None and not (isinstance(self.p, (int, float)) and 0.0 < self.p < 1.0):
             raise ValueError(f"fotf.p = {self.p!r} must be null (each site's own rate) or in (0, 1)")
         for name in ("m", "kappa"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"fotf.{name} = {value!r} must be a finite number > 0")
-        for name in ("merge_kd", "merge_ce"):
-            if getattr(self, name) in PAPER_MERGE_WORDS:
-                raise ValueError(_merge_word_message(f"fotf.{name}", getattr(self, name)))
+            _check_positive(getattr(self, name), f"fotf.{name}")
         for name, choices in (("weighting", WEIGHTINGS), ("merge_kd", MERGES), ("merge_ce", MERGES),
                               ("apply_to", APPLY_TO), ("mode", MODES), ("source", SOURCES)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"fotf.{name} = {getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")
+            _check_choice(getattr(self, name), choices, f"fotf.{name}")
+
+
+def _check_positive(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where} = {value!r} must be a finite number > 0")
+
+
+def _check_choice(value, choices, where: str) -> None:
+    """One check for config fields and function arguments; a merge given as a paper word gets the table."""
+    if choices is MERGES and value in PAPER_MERGE_WORDS:
+        raise ValueError(_merge_word_message(where, value))
+    if value not in choices:
+        raise ValueError(f"{where} = {value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,10 +179,7 @@ def streamed_std(samples: Iterable[torch.Tensor], correction: int = 1, softmax: 
 
 def merge_sigma(sigma: torch.Tensor, merge: str = "none") -> torch.Tensor:
     """Average sigma `(B, C, h, w)` over the dimensions `merge` removes (see the module table)."""
-    if merge in PAPER_MERGE_WORDS:
-        raise ValueError(_merge_word_message("merge", merge))
-    if merge not in MERGES:
-        raise ValueError(f"merge = {merge!r} is not valid; choose one of: {', '.join(MERGES)}")
+    _check_choice(merge, MERGES, "merge")
     if sigma.dim() != 4:
         raise ValueError(f"sigma must be (B, C, h, w), got shape {tuple(sigma.shape)}")
     dims = _MERGE_DIMS[merge]
@@ -195,10 +199,9 @@ def uncertainty_weights(sigma: torch.Tensor, m: float = 1.0, kappa: float = 1.0,
         merged shape, which broadcasts to `(B, C, h, w)`. The log-weight is capped 8 nats below
         the dtype's largest value so the weights stay finite.
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting = {weighting!r} is not valid; choose one of: {', '.join(WEIGHTINGS)}")
-    if not (m > 0 and kappa > 0 and math.isfinite(m) and math.isfinite(kappa)):
-        raise ValueError(f"m = {m!r} and kappa = {kappa!r} must be finite numbers > 0")
+    _check_choice(weighting, WEIGHTINGS, "weighting")
+    _check_positive(m, "m")
+    _check_positive(kappa, "kappa")
     s = sigma.detach()
     s = s.double() if s.dtype == torch.float64 else s.float()
     with torch.autocast(device_type=s.device.type, enabled=False):

@@ -152,7 +152,7 @@ def _panel_fotf(fotf, student) -> Tuple["FOTF", bool]:
 
 
 def _weight_map(result: FotfResult) -> Tuple[torch.Tensor, str]:
-    """`(1, 1, h, w)` map of the CE weight (else the KD weight), averaged over classes, and its merge name."""
+    """`(1, 1, h, w)` map of the CE weight (else the KD weight), averaged over classes, and which term it is."""
     weights = result.weights
     weight, term = (weights.ce, "CE") if weights.ce is not None else (weights.kd, "KD")
     return weight.expand_as(result.sigma[:1]).mean(1, keepdim=True), term

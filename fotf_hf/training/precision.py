@@ -51,10 +51,10 @@ def cpu_bf16_support() -> Tuple[bool, str]:
     also AVX512-BF16 or AMX-BF16: oneDNN's check (ideep `has_bf16_type_support`: ISA >= avx512_core)
     also accepts plain AVX512 cores, where bf16 is emulated and slower than fp32.
     """
-    caps = _cpu_capabilities()
     if not _mkldnn_bf16_supported():
         isa = torch.backends.cpu.get_cpu_capability().lower()
         return False, f"{isa} only" if isa not in ("default", "") else "no bf16 in torch's oneDNN check"
+    caps = _cpu_capabilities()
     if str(caps.get("architecture", "")).lower() in _X86:
         native = [key for key in ("amx_bf16", "avx512_bf16") if caps.get(key)]
         if not native:
