@@ -4,7 +4,9 @@ Compares the library pipeline (`build_dataset` -> `with_transform(SegmentationTr
 `create_dataloader`) with a minimal PIL + NumPy reference that does the same work the plain way
 (open, scale, normalise the whole image, pad, crop, flip), at 0 and 2 workers, in the same run.
 
-    python benchmarks/data_throughput.py [--root ../shared/datasets/camvid] [--samples 160]
+    python benchmarks/data_throughput.py [--root <camvid folder>] [--samples 160]
+
+--root defaults to $FOTF_CAMVID_ROOT, else data/camvid.
 
 Prints a Markdown table and one JSON line. Skips (exit 0) with a message if CamVid is absent.
 """
@@ -23,7 +25,7 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ROOT = Path(os.environ.get("FOTF_CAMVID_ROOT", REPO.parent / "shared" / "datasets" / "camvid"))
+DEFAULT_ROOT = Path(os.environ.get("FOTF_CAMVID_ROOT") or REPO / "data" / "camvid")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 

@@ -6,7 +6,7 @@ One experiment = one `ExperimentConfig`:
 base: ../base/camvid.yaml        # optional, one level of inheritance (path relative to this file)
 student: {arch: deeplabv3, backbone: resnet18}
 teacher: {arch: deeplabv3, backbone: resnet101, pretrained: outputs/teacher}
-data: {name: camvid, root: ../shared/datasets/camvid, crop_size: [360, 360]}
+data: {name: camvid, root: data/camvid, crop_size: [360, 360]}
 method: {name: kd}
 fotf: {enabled: true, kappa: 10, m: 10}
 optim: {lr: 0.02, max_steps: 40000, batch_size: 16}
@@ -72,7 +72,8 @@ class DataConfig:
 
     Args:
         name: one of `DATASETS`.
-        root: dataset folder (camvid, cityscapes, voc) or None.
+        root: dataset folder (camvid, cityscapes, voc), or None to read it from `FOTF_<NAME>_ROOT`
+            (e.g. `FOTF_CAMVID_ROOT`).
         options: builder-specific options (e.g. `{path: ..., image_column: ..., n_train: 200}`).
         crop_size: `[h, w]` training crop in pixels.
         scale_range: `[min, max]` random scale factor for training.

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "evaluate_model",
+    "evaluation_key",
     "format_metrics_table",
     "load_student",
     "parse_key_values",
@@ -361,6 +362,22 @@ def _training_record(folder: Optional[Path]) -> Dict[str, Any]:
     }
 
 
+def evaluation_key(settings: Mapping[str, Any]) -> str:
+    """The `metrics.json["evaluations"]` key of one evaluation setting, e.g. `test@180x240` or
+    `validation@native+flip+scales0.75,1,1.25+mc5`: split, resolution, then what differs from a
+    single-scale, unflipped, deterministic pass."""
+    size = settings.get("eval_size")
+    key = f"{settings['split']}@{'native' if not size else 'x'.join(str(int(v)) for v in size)}"
+    if settings.get("flip"):
+        key += "+flip"
+    scales = [float(v) for v in settings.get("scales") or [1.0]]
+    if scales != [1.0]:
+        key += "+scales" + ",".join(f"{v:g}" for v in scales)
+    if settings.get("mc_samples"):
+        key += f"+mc{int(settings['mc_samples'])}"
+    return key
+
+
 def run_evaluation(
     model: Union[str, os.PathLike, Any],
     dataset: str,
@@ -395,7 +412,8 @@ def run_evaluation(
         accelerator: an `Accelerator` for multi-process runs (`accelerate launch`), or None.
         write_outputs: write `metrics.json`, `reliability.png` and the card `README.md` (main
             process only). An existing `metrics.json` (e.g. the training record) is kept: the
-            results are merged in under `"evaluation"`.
+            results are merged in under `"evaluations"`, one entry per split and setting
+            (`evaluation_key`), so scoring test does not replace val.
         print_table: print the Markdown table on the main process.
 
     Returns:
@@ -465,7 +483,7 @@ def run_evaluation(
                 record = {}
             if not isinstance(record, dict):
                 record = {}
-        record["evaluation"] = {"settings": settings, "metrics": metrics}
+        record.setdefault("evaluations", {})[evaluation_key(settings)] = {"settings": settings, "metrics": metrics}
         _write_json_atomic(out / "metrics.json", record)
         rel = metrics["reliability"]
         reliability_diagram(rel["accuracy"], rel["confidence"], rel["count"], metrics["ece"],
@@ -484,5 +502,6 @@ def run_evaluation(
             base_model=trained.get("base_model"),
             id2label=id2label,
             evaluation=settings,
+            all_evaluations=record["evaluations"],
         )
     return metrics

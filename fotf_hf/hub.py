@@ -1,10 +1,9 @@
 """Release side: the model card (`README.md` with a `model-index`) and the upload of an output folder.
 
 The card is rendered by `huggingface_hub.ModelCard.from_template` from the Jinja template
-`fotf_hf/templates/fotf_student.md`. That copy is package data, so it is found from a source
-checkout and from an installed package alike; `model_cards/fotf_student.md` at the repository root is
-the user-facing copy of the same file (a test keeps the two identical). Pass `template_path=` to
-render your own template with the same variables.
+`fotf_hf/templates/fotf_student.md` (package data, so an installed package finds it too; the only
+copy). Pass `template_path=` to render your own template with the same variables (those passed to
+`ModelCard.from_template` in `build_model_card`).
 
 The card's metadata carries `model-index` results for `mean_iou`, `ece` (`metric_config`
 "<bins>-bins") and pixel accuracy, task `image-segmentation`, with the dataset name, type and split.
@@ -177,7 +176,8 @@ def _id2label_from_folder(folder: Optional[Path]) -> Optional[Dict[int, str]]:
 def _describe_evaluation(evaluation: Optional[Mapping[str, Any]]) -> str:
     evaluation = dict(evaluation or {})
     scales = evaluation.get("scales") or [1.0]
-    parts = ["whole image"]
+    size = evaluation.get("eval_size")
+    parts = ["whole image at native resolution" if not size else f"whole image resized to {size[0]}x{size[1]}"]
     if list(scales) == [1.0]:
         parts.append("single scale")
     else:
@@ -205,6 +205,7 @@ def build_model_card(
     repo_id: Optional[str] = None,
     evaluation: Optional[Mapping[str, Any]] = None,
     template_path: Optional[Union[str, os.PathLike]] = None,
+    all_evaluations: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ):
     """Render the student's `huggingface_hub.ModelCard` (nothing is written).
 
@@ -218,8 +219,10 @@ def build_model_card(
         id2label: class names for the per-class table (default: class ids).
         model_name: the model-index name and the card's title.
         repo_id: Hub id used in the loading snippet (default: a folder path placeholder).
-        evaluation: evaluation settings (`flip`, `scales`, `mc_samples`) to describe the protocol.
+        evaluation: evaluation settings (`flip`, `scales`, `mc_samples`, `eval_size`) to describe the protocol.
         template_path: Jinja template (default `default_template_path()`).
+        all_evaluations: `metrics.json["evaluations"]` (`{key: {settings, metrics}}`): every split and
+            setting the model was scored with, listed in one table (None = only `metrics`).
 
     Returns:
         `huggingface_hub.ModelCard`; `card.data.eval_results` holds `mean_iou`, `ece`, `accuracy`.
@@ -280,6 +283,11 @@ def build_model_card(
         per_class=per_class,
         ece_bins=bins,
         evaluation=_describe_evaluation(evaluation),
+        all_evaluations=[
+            {"key": key, "split": e["settings"].get("split", "?"), "protocol": _describe_evaluation(e["settings"]).rsplit(", logits", 1)[0],
+             "miou": _pct(e["metrics"]["mean_iou"]), "ece": _pct(e["metrics"]["ece"])}
+            for key, e in sorted((all_evaluations or {}).items())
+        ],
         method=method or "not recorded",
         teacher=f"`{teacher}`" if teacher else "none",
         base_model=f"`{base_model}`" if base_model else "random initialisation",
@@ -306,6 +314,7 @@ def write_model_card(
     repo_id: Optional[str] = None,
     evaluation: Optional[Mapping[str, Any]] = None,
     template_path: Optional[Union[str, os.PathLike]] = None,
+    all_evaluations: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> Path:
     """Write the card to `out_dir/README.md` atomically (temporary file + rename); returns the path.
 
@@ -323,7 +332,7 @@ def write_model_card(
         metrics, dataset_name, split, method=method, teacher=teacher, fotf=fotf, steps=steps, command=command,
         base_model=base_model, id2label=id2label,
         model_name=model_name or out.resolve().name or "fotf-student",
-        repo_id=repo_id, evaluation=evaluation, template_path=template_path,
+        repo_id=repo_id, evaluation=evaluation, template_path=template_path, all_evaluations=all_evaluations,
     )
     path = out / "README.md"
     tmp = out / ".tmp_README.md"

@@ -1,8 +1,9 @@
 """Tables of finished runs: mean +- std over seeds of mIoU and ECE, per-class IoU, wall time.
 
 A run is an output folder of `scripts/distill.py` (`metrics.json` + `fotf_config.yaml`). Its
-reported metrics are those of `scripts/evaluate.py` (`metrics.json["evaluation"]`) when present,
-else the training loop's final evaluation. Runs are grouped by a label (the method and its FOTF
+reported metrics are those of `scripts/evaluate.py` (`metrics.json["evaluations"][key]`, see
+`fotf_hf.evaluation.evaluation_key`; files written before per-split entries hold one `"evaluation"`)
+when present, else the training loop's final evaluation. Runs are grouped by a label (the method and its FOTF
 setting); every run found is listed, none is dropped.
 """
 
@@ -18,7 +19,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 import yaml
 
 __all__ = ["RunRecord", "load_run", "run_label", "summarize", "markdown_tables", "seed_differences",
-           "difference_table"]
+           "difference_table", "pairs_needed", "minimum_detectable_effect"]
 
 
 @dataclass
@@ -58,16 +59,28 @@ def run_label(config: Mapping) -> str:
     return f"{method} + FOTF (kappa {fotf['kappa']:g}, m {fotf['m']:g})"
 
 
-def load_run(folder: str | Path) -> Optional[RunRecord]:
-    """Read a run folder; None when it has no `metrics.json` (not finished)."""
+def load_run(folder: str | Path, evaluation: Optional[str] = None) -> Optional[RunRecord]:
+    """Read a run folder; None when it has no `metrics.json` (not finished), or when `evaluation`
+    (a `metrics.json["evaluations"]` key such as `test@180x240`) is asked for and not there yet.
+    Without `evaluation`: the only `evaluate.py` entry, else the training loop's final one."""
     folder = Path(folder)
     metrics_file = folder / "metrics.json"
     if not metrics_file.is_file():
         return None
     data = json.loads(metrics_file.read_text())
     config = yaml.safe_load((folder / "fotf_config.yaml").read_text())
-    if "evaluation" in data:
-        metrics, source = data["evaluation"]["metrics"], "evaluate.py"
+    entries = dict(data.get("evaluations") or {})
+    if "evaluation" in data:  # written before per-split entries
+        entries.setdefault("evaluation", data["evaluation"])
+    if evaluation is not None:
+        if evaluation not in entries:
+            return None
+        metrics, source = entries[evaluation]["metrics"], f"evaluate.py {evaluation}"
+    elif len(entries) == 1:
+        (key, entry), = entries.items()
+        metrics, source = entry["metrics"], "evaluate.py" + ("" if key == "evaluation" else f" {key}")
+    elif entries:
+        raise ValueError(f"{folder} holds several evaluations ({', '.join(sorted(entries))}); pass evaluation=<key>")
     else:
         metrics, source = data["final"], "training loop"
     return RunRecord(
@@ -175,6 +188,31 @@ def seed_differences(runs: Sequence[RunRecord], base: str, other: str, metric: s
         t = (statistics.fmean(o) - statistics.fmean(b)) / se if se > 0 else float("nan")
     return {"seeds": seeds, "differences": diffs, "mean": mean_diff, "std": std_diff,
             "base_std": _mean_std(b)[1], "other_std": _mean_std(o)[1], "welch_t": t}
+
+
+_ALPHA_Z = statistics.NormalDist().inv_cdf
+
+
+def pairs_needed(sd_diff: float, effect: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Seed pairs a two-sided paired t-test needs to detect `effect` with probability `power`.
+
+    Guenther's (1981) approximation to the exact noncentral-t answer,
+    `n = ((z_{1-alpha/2} + z_{power}) * sd_diff / effect)^2 + z_{1-alpha/2}^2 / 2`, rounded up;
+    `sd_diff` and `effect` in the same unit (e.g. mIoU points). At least 2.
+    """
+    if sd_diff <= 0 or effect <= 0:
+        raise ValueError(f"sd_diff and effect must be > 0, got {sd_diff} and {effect}")
+    za, zb = _ALPHA_Z(1 - alpha / 2), _ALPHA_Z(power)
+    return max(2, math.ceil(((za + zb) * sd_diff / effect) ** 2 + za ** 2 / 2))
+
+
+def minimum_detectable_effect(sd_diff: float, pairs: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest paired effect `pairs` seed pairs detect with probability `power` (two-sided
+    `alpha`): `pairs_needed` solved for the effect, in `sd_diff`'s unit."""
+    za, zb = _ALPHA_Z(1 - alpha / 2), _ALPHA_Z(power)
+    if pairs - za ** 2 / 2 <= 0:
+        return float("inf")
+    return (za + zb) * sd_diff / math.sqrt(pairs - za ** 2 / 2)
 
 
 def difference_table(runs: Sequence[RunRecord], pairs: Sequence[tuple]) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The CPU-scale CamVid study behind RESULTS.md, as the sequence of commands a user would type.
 
-    python scripts/camvid_cpu_study.py [--seeds 0 1 2] [--sweep_seed 100] [--dry_run]
+    FOTF_CAMVID_ROOT=<camvid folder> python scripts/camvid_cpu_study.py [--seeds 0 1 2] [--sweep_seed 100] [--dry_run]
 
 1. Teacher: `scripts/distill.py --config scripts/configs/camvid_cpu/teacher.yaml`, then
    `scripts/evaluate.py` on it.
@@ -15,7 +15,7 @@
    panels, log) are copied to results/camvid_cpu/, with the commands (commands.sh) and the tables
    (summary.md, from `fotf_hf.report`).
 
-Resumable: a finished run (metrics.json with an "evaluation" entry) is skipped, an interrupted one
+Resumable: a finished run (metrics.json with evaluate.py's val entry) is skipped, an interrupted one
 continues from its last checkpoint. Weights and checkpoints stay under outputs/camvid_cpu/.
 
 The FOTF configs now use `mode: exact` and the literal merges (KD `per_pixel`, CE `per_class`);
@@ -26,6 +26,7 @@ comments in scripts/configs/camvid_cpu/ give the overrides that restore the old 
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -37,12 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path("scripts/configs/camvid_cpu")
 OUT = Path("outputs/camvid_cpu")
 RESULTS = Path("results/camvid_cpu")
-CAMVID = "../shared/datasets/camvid"
 SWEEPS = {"ce_fotf": [(1, 1), (3, 1), (7, 1)], "kd_fotf": [(1, 1), (5, 1), (10, 10)]}
 METHODS = ("ce", "ce_fotf", "kd", "kd_fotf", "cirkd", "cirkd_fotf")
 KAPPA_FROM = {"ce_fotf": "ce_fotf", "kd_fotf": "kd_fotf", "cirkd_fotf": "kd_fotf"}
 FAILED = "FAILED"
-EVAL = ["--dataset", "camvid", "--root", CAMVID, "--eval_size", "180", "240", "--batch_size", "4"]
+EVAL = ["--dataset", "camvid", "--eval_size", "180", "240", "--batch_size", "4"]
 
 
 def run(cmd, log: Path, dry_run: bool) -> None:
@@ -60,9 +60,16 @@ def run(cmd, log: Path, dry_run: bool) -> None:
         subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
-def done(folder: Path) -> bool:
+def val_metrics(folder: Path):
+    """evaluate.py's val metrics of a run (None before it ran); older files hold one "evaluation"."""
     metrics = REPO / folder / "metrics.json"
-    return (REPO / folder / FAILED).is_file() or (metrics.is_file() and "evaluation" in json.loads(metrics.read_text()))
+    record = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    entry = record.get("evaluations", {}).get("validation@180x240") or record.get("evaluation")
+    return None if entry is None else entry["metrics"]
+
+
+def done(folder: Path) -> bool:
+    return (REPO / folder / FAILED).is_file() or val_metrics(folder) is not None
 
 
 def train_and_evaluate(name: str, config: str, folder: Path, overrides, dry_run: bool, may_fail: bool = False) -> None:
@@ -121,7 +128,8 @@ def figures(methods, seed: int, num_images: int = 3) -> None:
         if not (folder / "model.safetensors").is_file():
             continue
         cfg = load_config(folder / "fotf_config.yaml")
-        cfg.data.root = str(REPO / cfg.data.root)  # relative to the repo; an absolute root stays as it is
+        if cfg.data.root is not None:  # relative to the repo; an absolute root stays as it is
+            cfg.data.root = str(REPO / cfg.data.root)
         _, eval_set, info = build_data(cfg)
         paths = write_uncertainty_panels(load_student(folder), eval_set, info, REPO / RESULTS / "figures" / method,
                                          step=cfg.optim.max_steps, num_images=num_images,
@@ -137,7 +145,7 @@ def best_point(method: str) -> tuple:
         folder = REPO / OUT / "sweep" / f"{method}_kappa{kappa}_m{m}"
         if (folder / FAILED).is_file():
             continue
-        scores[(kappa, m)] = json.loads((folder / "metrics.json").read_text())["evaluation"]["metrics"]["mean_iou"]
+        scores[(kappa, m)] = val_metrics(folder.relative_to(REPO))["mean_iou"]
     return max(scores, key=scores.get)
 
 
@@ -149,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--figures_only", action="store_true", help="only redraw the figures of finished runs")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
+    if not os.environ.get("FOTF_CAMVID_ROOT"):
+        parser.error("set FOTF_CAMVID_ROOT to CamVid's folder (training and evaluation read it from there)")
     (REPO / RESULTS).mkdir(parents=True, exist_ok=True)
     start = time.time()
     fotf_methods = [m for m in args.methods if m in KAPPA_FROM]

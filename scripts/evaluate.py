@@ -6,8 +6,8 @@
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/evaluate.py \
         --model DIR --dataset camvid --root data/camvid
 
-Prints a Markdown table and writes `metrics.json` (merged into an existing one under "evaluation"),
-`reliability.png` and the model card `README.md` into --output_dir (default: the model folder).
+Prints a Markdown table and writes `metrics.json` (merged into an existing one under "evaluations",
+one entry per split and setting), `reliability.png` and the model card `README.md` into --output_dir (default: the model folder).
 Exact with several processes (see `fotf_hf.evaluation.evaluate_model`). The logic lives in
 `fotf_hf.evaluation.run_evaluation`.
 """

@@ -8,7 +8,7 @@ mean / p99 and, for each (kappa, m), the KD and CE weight mean / p99 / max (aver
 batches; max over batches). Prints a Markdown table and writes JSON next to it when --output is given.
 
     python scripts/fotf_modes_table.py --model outputs/camvid_cpu/ce --dataset camvid \\
-        --root ../shared/datasets/camvid --split test --size 180 240 --kappa_m 3,1 10,10 7,1 1,3
+        --root $FOTF_CAMVID_ROOT --split test --size 180 240 --kappa_m 3,1 10,10 7,1 1,3
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CAMVID_ROOT = Path(os.environ.get("FOTF_CAMVID_ROOT", REPO_ROOT.parent / "shared" / "datasets" / "camvid"))
+# Real CamVid: $FOTF_CAMVID_ROOT, else the project's documented place (README "Data"): data/camvid.
+CAMVID_ROOT = Path(os.environ.get("FOTF_CAMVID_ROOT") or REPO_ROOT / "data" / "camvid")
 
 
 @pytest.fixture(autouse=True)

@@ -77,7 +77,18 @@ def test_camvid_missing_root_and_subfolders(tmp_path):
     (tmp_path / "val").mkdir()
     with pytest.raises(FileNotFoundError, match=r"lacks the sub-folder\(s\) trainannot, valannot \(expected layout: train/ trainannot/"):
         build_dataset("camvid", root=tmp_path)
-    with pytest.raises(ValueError, match="needs root"):
+
+
+def test_camvid_root_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("FOTF_CAMVID_ROOT", raising=False)
+    with pytest.raises(ValueError, match="needs its folder: pass it .*--data.root.* or set FOTF_CAMVID_ROOT=<folder>"):
+        build_dataset("camvid")
+    _camvid(tmp_path)
+    monkeypatch.setenv("FOTF_CAMVID_ROOT", str(tmp_path))
+    dd, _ = build_dataset("camvid")  # no root: the variable gives it
+    assert len(dd["train"]) == 2
+    monkeypatch.setenv("FOTF_CAMVID_ROOT", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="nope"):
         build_dataset("camvid")
 
 

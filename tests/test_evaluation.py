@@ -333,8 +333,9 @@ def test_run_evaluation_writes_metrics_reliability_and_card(tmp_path, capsys):
 
     record = json.loads((out / "metrics.json").read_text())
     assert record["steps"] == 7 and record["final"] == {"mean_iou": 0.5}  # the training record is kept
-    assert record["evaluation"]["metrics"]["mean_iou"] == pytest.approx(metrics["mean_iou"])
-    assert record["evaluation"]["settings"]["flip"] is True and record["evaluation"]["settings"]["num_images"] == 3
+    entry = record["evaluations"]["validation@native+flip"]
+    assert entry["metrics"]["mean_iou"] == pytest.approx(metrics["mean_iou"])
+    assert entry["settings"]["flip"] is True and entry["settings"]["num_images"] == 3
     with Image.open(out / "reliability.png") as im:
         assert im.format == "PNG" and im.size == (500, 600)
     card = ModelCard.load(out / "README.md")
@@ -343,6 +344,19 @@ def test_run_evaluation_writes_metrics_reliability_and_card(tmp_path, capsys):
     assert by_type["ece"].metric_value == pytest.approx(metrics["ece"])
     assert by_type["ece"].dataset_type == "synthetic-streets" and by_type["ece"].dataset_split == "validation"
     assert "horizontal flip" in card.text
+
+    # Another split and setting is added beside the first, not over it; the card lists both.
+    test_metrics = run_evaluation(student, "synthetic-streets", output_dir=out, split="test", batch_size=2,
+                                  eval_size=[24, 32], print_table=False,
+                                  dataset_options={"num_train": 0, "num_val": 3, "num_test": 2, "image_size": [32, 48]})
+    record = json.loads((out / "metrics.json").read_text())
+    assert sorted(record["evaluations"]) == ["test@24x32", "validation@native+flip"]
+    assert record["evaluations"]["validation@native+flip"]["metrics"]["mean_iou"] == pytest.approx(metrics["mean_iou"])
+    assert record["evaluations"]["test@24x32"]["metrics"]["mean_iou"] == pytest.approx(test_metrics["mean_iou"])
+    assert record["evaluations"]["test@24x32"]["settings"]["num_images"] == 2
+    card = ModelCard.load(out / "README.md")
+    assert "`test@24x32` | test | whole image resized to 24x32, single scale |" in card.text
+    assert "`validation@native+flip` | validation | whole image at native resolution, single scale, + horizontal flip |" in card.text
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
 
 

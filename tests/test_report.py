@@ -6,7 +6,16 @@ import math
 import pytest
 import yaml
 
-from fotf_hf.report import difference_table, load_run, markdown_tables, run_label, seed_differences, summarize
+from fotf_hf.report import (
+    difference_table,
+    load_run,
+    markdown_tables,
+    minimum_detectable_effect,
+    pairs_needed,
+    run_label,
+    seed_differences,
+    summarize,
+)
 
 
 def _write_run(folder, seed, miou, ece, per_class, fotf=None, evaluated=True, wall=120.0):
@@ -71,3 +80,40 @@ def test_seed_differences_pair_by_seed_and_compute_welch_t(tmp_path):
     table = difference_table(runs, [("kd", label)]).splitlines()
     assert table[2].startswith(f"| {label} vs kd | mIoU | 0: +3.00, 1: +1.00 | +2.00 +- 1.41 | 2.00 / 3.61 |")
     assert table[3].startswith(f"| {label} vs kd | ECE | 0: -3.00, 1: -1.00 | -2.00 +- 1.41 |")
+
+
+def test_load_run_picks_one_evaluation_by_key(tmp_path):
+    folder = tmp_path / "kd" / "seed0"
+    _write_run(folder, 0, 0.40, 0.10, [0.4], evaluated=False)
+    data = json.loads((folder / "metrics.json").read_text())
+    data["evaluations"] = {
+        "validation@180x240": {"settings": {}, "metrics": {**data["final"], "mean_iou": 0.41}},
+        "test@180x240": {"settings": {}, "metrics": {**data["final"], "mean_iou": 0.37}},
+    }
+    (folder / "metrics.json").write_text(json.dumps(data))
+    assert load_run(folder, "test@180x240").mean_iou == 0.37
+    assert load_run(folder, "validation@180x240").mean_iou == 0.41
+    assert load_run(folder, "test@360x480") is None  # not scored there yet
+    with pytest.raises(ValueError, match="several evaluations.*test@180x240"):
+        load_run(folder)
+
+
+@pytest.mark.parametrize("sd,effect", [(1.0, 1.0), (4.5, 1.0), (2.0, 1.0), (1.0, 0.5)])
+def test_pairs_needed_matches_the_exact_paired_t_test(sd, effect):
+    """Against the exact power of a two-sided paired t-test (noncentral t, scipy)."""
+    stats = pytest.importorskip("scipy.stats")
+
+    def power(n):
+        df, nc = n - 1, effect / sd * math.sqrt(n)
+        crit = stats.t.ppf(0.975, df)
+        return stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+
+    exact = next(n for n in range(2, 10_000) if power(n) >= 0.8)
+    assert abs(pairs_needed(sd, effect) - exact) <= 1
+    if sd == effect == 1.0:
+        assert exact == 10  # the textbook value for a standardised effect of 1
+    mde = minimum_detectable_effect(sd, exact)
+    assert mde <= effect * 1.05
+    df = exact - 1
+    crit = stats.t.ppf(0.975, df)
+    assert stats.nct.sf(crit, df, mde / sd * math.sqrt(exact)) == pytest.approx(0.8, abs=0.03)

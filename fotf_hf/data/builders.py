@@ -50,9 +50,20 @@ def _paths_dataset(images: Sequence[str], labels: Sequence[str], label_map: Opti
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
+def root_env_var(name: str) -> str:
+    """The environment variable that gives dataset `name`'s folder when no root is passed, e.g.
+    `FOTF_CAMVID_ROOT` (so configs and tests never hard-code a path outside the project)."""
+    return f"FOTF_{name.upper()}_ROOT"
+
+
 def _check_root(root, name: str, required: Sequence[str], layout: str) -> Path:
     if root is None:
-        raise ValueError(f"dataset {name!r} needs root=<folder> (expected layout: {layout})")
+        root = os.environ.get(root_env_var(name)) or None
+    if root is None:
+        raise ValueError(
+            f"dataset {name!r} needs its folder: pass it (--data.root <folder> for training, --root <folder> "
+            f"for evaluation) or set {root_env_var(name)}=<folder> (expected layout: {layout})"
+        )
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{name} root {str(root)!r} does not exist or is not a folder (expected layout: {layout})")

@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Study v2 (RESULTS.md): faithful FOTF on CamVid with one fixed initialisation, scored on test.
+
+    FOTF_CAMVID_ROOT=../shared/datasets/camvid python scripts/camvid_study_v2.py [--stage pilot] [--dry_run]
+
+Stages (each resumable: a finished run is skipped, an interrupted one resumes from its checkpoint):
+
+1. `pretrain`: DeepLabV3-R18 trained with CE on generated synthetic-streets (no CamVid image), a
+   stand-in for the paper's ImageNet backbone.
+2. `init`: `outputs/camvid_v2/init_r18`, the one starting point of every CamVid model: the
+   pretrained backbone plus CamVid heads drawn from a fixed seed (`INIT_SEED`). Seeds then vary only
+   data order, augmentation and dropout masks.
+3. `teacher`: DeepLabV3-R18 from that init, CE, 3x the students' steps; scored on val and test.
+4. `pilot`: KD students with seeds 0..2, scored on val and test; `results/camvid_v2/pilot.md` gets
+   their seed spread and the number of seed pairs needed to see a 1-point mIoU effect (80% power,
+   two-sided 5%), `fotf_hf.report.pairs_needed`.
+
+Every command run is appended to `results/camvid_v2/commands.sh`, each run's output to
+`results/camvid_v2/logs/`, and each run's small artefacts (metrics.json, resolved config, card,
+reliability diagram) are copied to `results/camvid_v2/<run>/`. Weights stay under outputs/camvid_v2/.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = Path("scripts/configs/camvid_v2")
+OUT = Path("outputs/camvid_v2")
+RESULTS = Path("results/camvid_v2")
+INIT = OUT / "init_r18"
+INIT_SEED = 20261201
+SPLITS = {"validation": "val", "test": "test"}
+EVAL_SIZE = (180, 240)
+PILOT_SEEDS = (0, 1, 2)
+STAGES = ("pretrain", "init", "teacher", "pilot")
+
+
+def run(cmd, log: Path, dry_run: bool) -> None:
+    """Run one command from the repo root; append it to commands.sh and its output to `log`."""
+    line = shlex.join(cmd)
+    print(f"$ {line}", flush=True)
+    if dry_run:
+        return
+    (REPO / RESULTS).mkdir(parents=True, exist_ok=True)
+    with open(REPO / RESULTS / "commands.sh", "a") as f:
+        f.write(line + "\n")
+    (REPO / log).parent.mkdir(parents=True, exist_ok=True)
+    with open(REPO / log, "a") as f:
+        f.write(f"\n$ {line}\n")
+        f.flush()
+        subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+
+
+def evaluations(folder: Path) -> dict:
+    metrics = REPO / folder / "metrics.json"
+    return json.loads(metrics.read_text()).get("evaluations", {}) if metrics.is_file() else {}
+
+
+def eval_key(split: str) -> str:
+    from fotf_hf.evaluation import evaluation_key
+
+    return evaluation_key({"split": split, "eval_size": list(EVAL_SIZE)})
+
+
+def train(config: str, folder: Path, overrides, dry_run: bool) -> None:
+    """`scripts/distill.py` unless `folder` already holds the final weights (resumes a checkpoint)."""
+    if (REPO / folder / "model.safetensors").is_file() and (REPO / folder / "metrics.json").is_file():
+        print(f"[study] {folder}: trained already", flush=True)
+        return
+    resume = ["--resume", "latest"] if (REPO / folder / "checkpoints").is_dir() else []
+    run([sys.executable, "scripts/distill.py", "--config", str(CONFIGS / config), "--run.output_dir", str(folder),
+         *overrides, *resume], RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log", dry_run)
+
+
+def score(folder: Path, camvid_root: str, dry_run: bool) -> None:
+    """`scripts/evaluate.py` on val and test (each split once), then copy the small artefacts."""
+    for split in SPLITS:
+        if not dry_run and eval_key(split) in evaluations(folder):
+            continue
+        run([sys.executable, "scripts/evaluate.py", "--model", str(folder), "--dataset", "camvid", "--root", camvid_root,
+             "--split", split, "--eval_size", *map(str, EVAL_SIZE), "--batch_size", "4"],
+            RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log", dry_run)
+    if dry_run:
+        return
+    dst = REPO / RESULTS / folder.relative_to(OUT)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "fotf_config.yaml", "README.md", "reliability.png", "log_history.jsonl"):
+        if (REPO / folder / name).is_file():
+            shutil.copy2(REPO / folder / name, dst / name)
+
+
+def build_init(dry_run: bool) -> None:
+    """The CamVid starting point: synthetic-streets backbone + CamVid heads from `INIT_SEED`."""
+    print(f"[study] init: backbone of {OUT / 'pretrain_r18'} + heads from seed {INIT_SEED} -> {INIT}", flush=True)
+    if dry_run or (REPO / INIT / "model.safetensors").is_file():
+        return
+    import torch
+    from transformers import AutoModelForSemanticSegmentation
+
+    import fotf_hf  # noqa: F401  (registers our model types with the Auto classes)
+    from fotf_hf.data.info import CAMVID_CLASSES
+    from fotf_hf.models import create_model
+
+    source = AutoModelForSemanticSegmentation.from_pretrained(str(REPO / OUT / "pretrain_r18"))
+    torch.manual_seed(INIT_SEED)
+    model = create_model("deeplabv3", "resnet18", num_labels=11, id2label=dict(enumerate(CAMVID_CLASSES)))
+    model.pretrained.load_state_dict(source.pretrained.state_dict())
+    tmp = REPO / INIT.parent / f".tmp_{INIT.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    os.replace(tmp, REPO / INIT)
+
+
+def pilot_report() -> str:
+    """Markdown: the pilot's KD scores per seed on val and test, their spread, and the power plan."""
+    from fotf_hf.report import minimum_detectable_effect, pairs_needed
+
+    lines = ["# Study v2 pilot: seed spread of KD from one fixed initialisation", "",
+             "Generated by `scripts/camvid_study_v2.py --stage pilot`.", ""]
+    teacher = evaluations(OUT / "teacher")
+    lines += ["| run | " + " | ".join(f"{s} mIoU (%)" for s in SPLITS.values()) + " |",
+              "| --- |" + " --- |" * len(SPLITS)]
+    rows = {"teacher": teacher, **{f"kd seed {s}": evaluations(OUT / "kd" / f"seed{s}") for s in PILOT_SEEDS}}
+    for name, evals in rows.items():
+        cells = [f"{100 * evals[eval_key(s)]['metrics']['mean_iou']:.2f}" if eval_key(s) in evals else "n/a"
+                 for s in SPLITS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    import statistics
+
+    test = [100 * e[eval_key("test")]["metrics"]["mean_iou"] for n, e in rows.items()
+            if n.startswith("kd") and eval_key("test") in e]
+    if len(test) >= 2:
+        sd = statistics.stdev(test)
+        # Two arms with the same seed share the init, data order and augmentation; until paired runs
+        # exist, the paired difference is assumed as noisy as two independent runs (sd * sqrt(2)).
+        sd_diff = sd * 2 ** 0.5
+        n = pairs_needed(sd_diff, 1.0)
+        lines += ["", f"KD test mIoU over {len(test)} seeds: mean {statistics.fmean(test):.2f}, std {sd:.2f} points.",
+                  f"Assumed paired-difference std: {sd_diff:.2f} points (std x sqrt(2), no pairing benefit assumed).",
+                  f"Seed pairs needed to detect a 1.0-point difference at 80% power (two-sided 5%): **{n}**.",
+                  f"Minimum detectable effect with 5 pairs: {minimum_detectable_effect(sd_diff, 5):.2f} points; "
+                  f"with 10 pairs: {minimum_detectable_effect(sd_diff, 10):.2f} points.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=STAGES, default="pilot", help="run every stage up to this one")
+    parser.add_argument("--camvid_root", default=os.environ.get("FOTF_CAMVID_ROOT"),
+                        help="CamVid folder (default: $FOTF_CAMVID_ROOT)")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    if not args.camvid_root:
+        parser.error("CamVid's folder is needed: pass --camvid_root <folder> or set FOTF_CAMVID_ROOT")
+    stages = STAGES[: STAGES.index(args.stage) + 1]
+    root = ["--data.root", args.camvid_root]
+    start = time.time()
+    train("pretrain.yaml", OUT / "pretrain_r18", [], args.dry_run)
+    if "init" in stages:
+        build_init(args.dry_run)
+    if "teacher" in stages:
+        train("teacher.yaml", OUT / "teacher", root, args.dry_run)
+        score(OUT / "teacher", args.camvid_root, args.dry_run)
+    if "pilot" in stages:
+        for seed in PILOT_SEEDS:
+            folder = OUT / "kd" / f"seed{seed}"
+            train("kd.yaml", folder, [*root, "--run.seed", str(seed)], args.dry_run)
+            score(folder, args.camvid_root, args.dry_run)
+        if not args.dry_run:
+            (REPO / RESULTS / "pilot.md").write_text(pilot_report())
+            print((REPO / RESULTS / "pilot.md").read_text())
+    print(f"[study] finished {args.stage} in {(time.time() - start) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
