@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -344,6 +345,26 @@ def write_model_card(
 # --------------------------------------------------------------------------- upload
 
 
+# Token-shaped text a server or proxy may echo back in an error (an `Authorization: Bearer ...`
+# header, an `hf_...` access token), masked even when we do not know the token's value.
+_TOKEN_PATTERNS = (re.compile(r"(?i)(bearer\s+)[^\s'\",;}\]]+"), re.compile(r"\bhf_[A-Za-z0-9]{20,}"))
+
+
+def _redact(text: str, token: Optional[str]) -> str:
+    """`text` with the token passed, the environment's and the stored login's, and token-shaped strings masked."""
+    secrets = {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}
+    try:
+        from huggingface_hub import get_token
+
+        secrets.add(get_token())  # what HfApi sends when token=None
+    except Exception:  # a broken login store must not hide the upload error itself
+        pass
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):  # longest first: no partial leftovers
+        text = text.replace(secret, "***")
+    text = _TOKEN_PATTERNS[0].sub(r"\1***", text)
+    return _TOKEN_PATTERNS[1].sub("hf_***", text)
+
+
 def _retry_hint(folder: Path, repo_id: str, private: bool, ignore_patterns: Sequence[str]) -> str:
     excludes = " ".join(f"--exclude {shlex.quote(p)}" for p in ignore_patterns)
     visibility = "--private" if private else "--no-private"
@@ -399,18 +420,17 @@ def push_to_hub(
             ignore_patterns=ignore_patterns,
         )
     except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}"
-        for secret in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
-            if secret:
-                detail = detail.replace(secret, "***")
-        from huggingface_hub import constants
+        # Only the redacted text leaves this block: the raw exception (and its own chain) may quote the
+        # request's Authorization header, so it is neither chained nor kept as __context__ (raised below).
+        detail = _redact(f"{type(exc).__name__}: {exc}", token)
+    from huggingface_hub import constants
 
-        hint = ""
-        if constants.HF_HUB_OFFLINE:
-            hint = (" HF_HUB_OFFLINE=1 is set: run the retry from a shell without it, on a machine with "
-                    "network access.")
-        raise HubUploadError(
-            f"upload of {folder} to the Hub repo {repo_id!r} failed ({detail}).{hint} The local folder is "
-            f"intact (nothing was changed or deleted). To retry: "
-            f"{_retry_hint(folder, repo_id, private, ignore_patterns)}."
-        ) from exc
+    hint = ""
+    if constants.HF_HUB_OFFLINE:
+        hint = (" HF_HUB_OFFLINE=1 is set: run the retry from a shell without it, on a machine with "
+                "network access.")
+    raise HubUploadError(
+        f"upload of {folder} to the Hub repo {repo_id!r} failed ({detail}).{hint} The local folder is "
+        f"intact (nothing was changed or deleted). To retry: "
+        f"{_retry_hint(folder, repo_id, private, ignore_patterns)}."
+    ) from None

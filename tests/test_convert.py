@@ -274,3 +274,67 @@ def test_cli(tmp_path):
     cmd[cmd.index("--backbone") + 1] = "resnet50"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert done.returncode == 1 and "backbone is resnet18" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------- checkpoints that are not plain tensors
+
+# torch's own error advises re-loading unsafely; ours must never repeat that advice.
+UNSAFE_ADVICE = ("weights_only=False", "set to `False`", "safe_globals")
+
+
+class RunsCode:
+    """Unpickling this runs a shell command (the marker file proves it ran)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _code_checkpoint(path, marker, writer):
+    state = {"pretrained.conv1.weight": torch.zeros(1), "payload": RunsCode(marker)}
+    if writer == "torch.save":
+        torch.save(state, path)
+    elif writer == "pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps(state))
+    else:
+        path.write_bytes(b"not a checkpoint at all")
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch, on the plain-pickle file
+@pytest.mark.parametrize("writer", ["torch.save", "pickle", "garbage"])
+def test_a_checkpoint_that_is_not_plain_tensors_is_refused_without_running_it(tmp_path, writer):
+    import traceback
+
+    marker = tmp_path / "code_ran"
+    path = _code_checkpoint(tmp_path / "evil.pth", marker, writer)
+    with pytest.raises(ValueError, match="is not a plain tensor checkpoint") as info:
+        load_cirkd_state_dict(path)
+    with pytest.raises(ValueError, match="is not a plain tensor checkpoint"):
+        convert_cirkd_checkpoint(path, tmp_path / "out", "deeplabv3", "resnet18")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    err = info.value
+    assert str(path) in str(err) and "state dict of tensors" in str(err)
+    if writer == "torch.save":
+        assert "(here: posix.system)" in str(err)  # which object was refused
+    printed = "".join(traceback.format_exception(err))
+    assert err.__cause__ is None and err.__context__ is None
+    assert not any(advice in printed for advice in UNSAFE_ADVICE)
+
+
+def test_cli_refuses_a_checkpoint_that_is_not_plain_tensors(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = _code_checkpoint(tmp_path / "evil.pth", marker, "torch.save")
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, str(REPO / "scripts" / "convert_cirkd_checkpoint.py"), str(path),
+           "--arch", "deeplabv3", "--backbone", "resnet18", "--output", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert done.returncode == 1 and "conversion failed" in done.stderr and "not a plain tensor checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr and not any(a in done.stderr + done.stdout for a in UNSAFE_ADVICE)
+    assert not marker.exists() and not (tmp_path / "out").exists()

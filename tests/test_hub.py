@@ -1,7 +1,10 @@
 """Model card (model-index round trip, licence) and the push path (fake API; real HfApi offline)."""
 
 import hashlib
+import http.server
 import json
+import threading
+import traceback
 from pathlib import Path
 
 import pytest
@@ -228,3 +231,92 @@ def test_push_checks_its_arguments(tmp_path):
         push_to_hub(tmp_path / "missing", "me/x", api=FakeApi())
     with pytest.raises(ValueError):
         push_to_hub(tmp_path, "", api=FakeApi())
+
+
+# ------------------------------------------------------------- no token in what a failed push prints
+
+
+class _EchoHub(http.server.BaseHTTPRequestHandler):
+    """A Hub that refuses every request (401) and quotes the request headers, Authorization included,
+    in its error, as a misconfigured proxy or a debugging server may. `create_ok` lets create_repo pass,
+    so the failure comes from the upload itself."""
+
+    create_ok = False
+
+    def _answer(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.create_ok and self.path.startswith("/api/repos/create"):
+            status, body = 200, {"url": f"http://{self.headers['Host']}/me/x", "name": "me/x"}
+        else:
+            status, body = 401, {"error": f"rejected {self.command} {self.path} with headers:\n{self.headers}"}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+
+@pytest.fixture
+def echo_hub(monkeypatch):
+    """Start the echoing Hub; the real HfApi talks to it (HF_ENDPOINT), online. Yields the handler class."""
+    from huggingface_hub import constants
+
+    handler = type("Handler", (_EchoHub,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    yield handler
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize("create_ok", [False, True], ids=["create_repo_fails", "upload_fails"])
+@pytest.mark.parametrize("via", ["argument", "HF_TOKEN"])
+def test_a_failed_push_never_shows_the_token_even_when_the_hub_echoes_it(release_folder, echo_hub, monkeypatch,
+                                                                        via, create_ok):
+    echo_hub.create_ok = create_ok
+    # Not hf_-shaped when passed as an argument: only masking the known value can catch it.
+    secret = "tok-SECRET-4711-argument" if via == "argument" else "hf_" + "Q7x" * 12
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    if via == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", secret)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(HubUploadError) as info:
+        push_to_hub(release_folder, "me/x", token=secret if via == "argument" else None)
+    err = info.value
+    message = str(err)
+    # The fake Hub did get the token and echoed it (else this test proves nothing) ...
+    assert "rejected" in message and "Bearer ***" in message and "401" in message
+    # ... but nothing a user sees carries it: not the message, not a chained cause or context.
+    printed = "".join(traceback.format_exception(err))
+    assert secret not in printed and "SECRET" not in printed and "Q7xQ7x" not in printed
+    assert err.__cause__ is None and err.__context__ is None
+    assert "local folder is intact" in message and "hf upload me/x" in message
+
+
+def test_token_shaped_strings_are_masked_even_when_the_token_is_unknown(release_folder, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    leaked = "hf_" + "AbC123xyz" * 4
+
+    class Leaky(FakeApi):
+        def upload_folder(self, **kwargs):
+            raise RuntimeError(f"proxy said: {{'authorization': 'Bearer opaque.jwt-token_9'}}, stored {leaked}")
+
+    with pytest.raises(HubUploadError) as info:
+        push_to_hub(release_folder, "me/x", api=Leaky())
+    printed = "".join(traceback.format_exception(info.value))
+    assert "opaque.jwt" not in printed and leaked not in printed
+    assert "'Bearer ***'" in printed and "stored hf_***" in printed
+    assert "hf upload me/x" in printed  # the retry command (`hf upload`) is not mistaken for a token

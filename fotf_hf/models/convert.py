@@ -17,6 +17,7 @@ The saved config says `image_normalization = "cirkd_bgr"`: CIRKD feeds BGR, 0-25
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,9 +121,28 @@ def unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
 
 
 def load_cirkd_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """`torch.load(path, map_location="cpu", weights_only=True)` + `unwrap_state_dict`."""
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    return unwrap_state_dict(obj)
+    """`torch.load(path, map_location="cpu", weights_only=True)` + `unwrap_state_dict`.
+
+    Raises:
+        ValueError: the file is not a plain tensor checkpoint (damaged, not a PyTorch file, or it
+            pickles objects other than tensors and containers, which could run code when loaded).
+    """
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message advises retrying with the unsafe loader (and allow-listing the offending global):
+        # for a downloaded checkpoint that is the code-execution attack itself, so only the name of the
+        # refused global is kept, and the error is raised outside this block (no chained cause/context).
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        refused = f" (here: {found.group(1)})" if found else ""
+    else:
+        return unwrap_state_dict(obj)
+    raise ValueError(
+        f"{path} is not a plain tensor checkpoint (a state dict of tensors, optionally wrapped under "
+        f"{list(_WRAPPER_KEYS)}): it is damaged or not a PyTorch file, or it pickles other objects{refused}, "
+        f"which are not loaded because unpickling them can run arbitrary code. Re-save the weights from a "
+        f"trusted environment as `torch.save(model.state_dict(), path)`."
+    ) from None
 
 
 def detect_checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
