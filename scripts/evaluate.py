@@ -3,7 +3,7 @@
 
     python scripts/evaluate.py --model outputs/demo/kd_fotf --dataset synthetic-streets [--flip] \
         [--scales 0.75 1 1.25] [--mc_samples 5]
-    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/evaluate.py \
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/evaluate.py \
         --model DIR --dataset camvid --root data/camvid
 
 Prints a Markdown table and writes `metrics.json` (merged into an existing one under "evaluations",
