@@ -1,11 +1,16 @@
-"""Streaming segmentation metrics: mIoU, accuracies and expected calibration error (ECE).
+"""Streaming segmentation metrics: mIoU, accuracies, calibration (ECE) and uncertainty quality.
 
 `SegmentationMetrics` keeps only small accumulators, never per-pixel data:
 
 - a `(C, C)` int64 confusion matrix (rows = ground truth, columns = prediction), filled with one
   fused `torch.bincount` of `label * C + prediction` per batch;
 - for the ECE over max-softmax confidence, per equal-width bin: the pixel count (int64), the
-  number of correct pixels (int64) and the sum of confidences (float64).
+  number of correct pixels (int64) and the sum of confidences (float64);
+- float64 sums of the per-pixel NLL and Brier score (`nll_sum`, `brier_sum`, 0-d);
+- two `(K, 2)` int64 histograms of an uncertainty score (column 0: correctly classified pixels,
+  column 1: misclassified ones) over K = `uncertainty_bins` equal-width bins: `msp_hist` for
+  u = 1 - max softmax probability on [0, 1], and `sigma_hist` for the optional per-pixel score
+  passed as `update(..., uncertainty=...)` (e.g. MC-dropout sigma) on [0, `uncertainty_max`].
 
 Sums of these tensors over batches or processes give exactly the dataset-level metrics, so a
 multi-process evaluation reduces them by summation (`reduce`) instead of gathering predictions.
@@ -25,12 +30,47 @@ Definitions (pixels whose label is `ignore_index` are excluded from everything):
   probability, `bins` equal-width bins on [0, 1]. A pixel with confidence c goes to bin
   `min(floor(c * bins), bins - 1)`: bins are closed on the left, the last one also on the right
   (torchmetrics puts c == 1.0 exactly into an extra bin of its own; nothing else differs).
+
+Uncertainty metrics (in the spirit of TorchUncertainty's segmentation metrics), over the pixels
+accumulated with `update` (those of `update_predictions` have no probabilities and are left out;
+with no such pixel at all the values are NaN):
+
+- `nll`: mean of `-log p_y` (nats), p = softmax of the logits (log-sum-exp in fp32, summed in
+  float64) or the given probabilities, clamped to >= `float32.tiny` (so at most 87.3 nats a pixel).
+- `brier`: mean of `sum_c (p_c - [c == y])^2` (in [0, 2]).
+- `auroc_msp`: AUROC of u = 1 - max p as a detector of the model's own errors (positive = the
+  argmax is not the label); 0.5 = uninformative. NaN when there is no error or no correct pixel.
+- `aurc_msp`: area under the risk-coverage curve, pixels sorted by confidence, most confident
+  first: `(1/N) sum_{k=1..N} e_k / k`, e_k = errors among the k most confident pixels (the mean
+  of the risk over the coverages k/N; lower is better; a random ranking gives the error rate).
+- `auroc_sigma`, `aurc_sigma`: the same for the score given as `uncertainty` (higher = less
+  sure); None when no update passed one. If only some updates did, they cover those pixels only.
+
+Binning. AUROC and AURC are computed exactly for the *binned* score b = min(floor(u / u_max * K),
+K - 1) (u_max = 1 for MSP, `uncertainty_max` for the extra score; values below 0 go to bin 0,
+values above u_max to the last bin). Pixels in the same bin are ties: AUROC counts a tied
+(error, correct) pair as 1/2 (Mann-Whitney, as `sklearn.metrics.roc_auc_score` does on the
+binned score), and AURC is the expectation over a uniformly random order within each bin. Both
+are thus the unbinned metric averaged over random orders of the pixels within each bin, so the
+binning can only move them through pixels that share a bin. With w_b, c_b the errors and correct pixels of
+bin b (W, C their totals, N = W + C, M_b the pixels in lower bins, H the harmonic numbers):
+
+    |AUROC_binned - AUROC| <= sum_b w_b c_b / (2 W C)
+    |AURC_binned - AURC|   <= (1/N) sum_b min(w_b, c_b) (H(M_b + n_b) - H(M_b))
+
+(both computable from the histograms). With K = 10 000 bins of width 1e-4 this is ~1e-4 on
+scores that spread over the range (tested), but it grows when most pixels pile into one bin,
+e.g. a very over-confident model whose u < 1e-4 for most pixels: raise `uncertainty_bins` then.
+The histograms are integer counts, so AUROC/AURC are bit-identical however the data are split
+across processes; `nll_sum`/`brier_sum` differ only by float64 summation order.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Callable, Dict, Optional, Union
+import warnings
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +79,8 @@ __all__ = [
     "SegmentationMetrics",
     "ACCUMULATORS",
     "CIRKD_EPS",
+    "EVALUATE_INPUTS",
+    "binned_auroc_aurc",
     "metrics_from_accumulators",
     "metric_module_path",
 ]
@@ -47,7 +89,12 @@ __all__ = [
 CIRKD_EPS = 2.220446049250313e-16
 
 # Names of the accumulator tensors, in the order `state_tensors` returns them.
-ACCUMULATORS = ("confusion_matrix", "bin_count", "bin_correct", "bin_conf_sum")
+ACCUMULATORS = (
+    "confusion_matrix", "bin_count", "bin_correct", "bin_conf_sum",
+    "nll_sum", "brier_sum", "msp_hist", "sigma_hist",
+)
+# The ones the `mean_iou_ece` evaluate module takes (`to_evaluate_inputs`).
+EVALUATE_INPUTS = ACCUMULATORS[:4]
 
 
 def metric_module_path(name: str = "mean_iou_ece") -> str:
@@ -62,11 +109,48 @@ def metric_module_path(name: str = "mean_iou_ece") -> str:
     return os.path.join(root, name)
 
 
+def binned_auroc_aurc(hist: torch.Tensor) -> Tuple[float, float]:
+    """AUROC and AURC of a binned uncertainty score, from its histogram (module docstring).
+
+    Args:
+        hist: `(K, 2)` counts per score bin, bins in increasing score (decreasing confidence);
+            column 0 = correctly classified pixels, column 1 = misclassified.
+
+    Returns:
+        `(auroc, aurc)`: AUROC of the score for "misclassified" with ties (same bin) counted 1/2,
+        NaN without both classes; AURC = `(1/N) sum_k e_k / k` in expectation over random orders
+        within bins, NaN for N = 0.
+    """
+    h = hist.detach().to("cpu", torch.float64)
+    correct, wrong = h[:, 0], h[:, 1]
+    n = correct + wrong
+    total, n_wrong = float(n.sum()), float(wrong.sum())
+    n_correct = total - n_wrong
+    # Each error beats the correct pixels of lower bins and ties with those of its own bin.
+    auroc = float((wrong * (correct.cumsum(0) - 0.5 * correct)).sum() / (n_wrong * n_correct)) \
+        if n_wrong > 0 and n_correct > 0 else math.nan
+    if total == 0:
+        return auroc, math.nan
+    # Bin b holds ranks k = M+1 .. M+n; in a random order of its pixels the expected error count
+    # among its first j is j * r (r = w / n), so its ranks add sum_j (E + j r) / (M + j)
+    # = w + (E - M r) (H(M + n) - H(M)), with H(x) = digamma(x + 1) + Euler's gamma.
+    before = n.cumsum(0) - n
+    errors_before = wrong.cumsum(0) - wrong
+    rate = wrong / n.clamp_min(1)
+    harmonic = torch.digamma(before + n + 1) - torch.digamma(before + 1)
+    aurc = float((wrong + (errors_before - before * rate) * harmonic).sum() / total)
+    return auroc, aurc
+
+
 def metrics_from_accumulators(
     confusion_matrix: torch.Tensor,
     bin_count: torch.Tensor,
     bin_correct: torch.Tensor,
     bin_conf_sum: torch.Tensor,
+    nll_sum: Optional[torch.Tensor] = None,
+    brier_sum: Optional[torch.Tensor] = None,
+    msp_hist: Optional[torch.Tensor] = None,
+    sigma_hist: Optional[torch.Tensor] = None,
 ) -> Dict[str, object]:
     """Dataset-level metrics from summed accumulators (see the module docstring for definitions).
 
@@ -75,13 +159,18 @@ def metrics_from_accumulators(
         bin_count: `(bins,)` pixels per confidence bin.
         bin_correct: `(bins,)` correctly classified pixels per bin.
         bin_conf_sum: `(bins,)` sum of the max-softmax confidences per bin.
+        nll_sum, brier_sum: 0-d sums of the per-pixel NLL (nats) and Brier score over the
+            `bin_count.sum()` pixels that had probabilities; None = not accumulated (NaN out).
+        msp_hist, sigma_hist: `(K, 2)` histograms of 1 - max p and of the extra score
+            (`binned_auroc_aurc`); None or all zero = not accumulated.
 
     Returns:
         dict of Python numbers and lists: `mean_iou`, `mean_iou_cirkd`, `per_class_iou` (NaN for
         classes absent from ground truth and prediction), `pixel_accuracy`, `mean_accuracy`,
         `per_class_accuracy` (NaN for classes absent from the ground truth), `ece`,
         `reliability` (`accuracy`, `confidence` (NaN for empty bins), `count`, `bin_edges`),
-        `num_pixels`.
+        `num_pixels`, `nll`, `brier`, `auroc_msp`, `aurc_msp` (NaN without probabilities),
+        `auroc_sigma`, `aurc_sigma` (None without an extra score).
     """
     cm = confusion_matrix.detach().to("cpu", torch.float64)
     if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
@@ -107,6 +196,21 @@ def metrics_from_accumulators(
     acc = torch.where(gt > 0, tp / gt.clamp_min(1), nan)
     n_bins = count.numel()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    scored = float(count.sum())  # pixels that came with probabilities (`update`)
+
+    def mean(value: Optional[torch.Tensor]) -> float:
+        return float(value) / scored if value is not None and scored > 0 else math.nan
+
+    auroc_msp, aurc_msp = binned_auroc_aurc(msp_hist) if msp_hist is not None else (math.nan, math.nan)
+    auroc_sigma = aurc_sigma = None
+    if sigma_hist is not None and int(sigma_hist.sum()) > 0:
+        if msp_hist is not None and int(sigma_hist.sum()) != int(msp_hist.sum()):
+            warnings.warn(
+                f"the uncertainty score covers {int(sigma_hist.sum())} of the {int(msp_hist.sum())} pixels "
+                "with probabilities (passed to some updates only): auroc_sigma/aurc_sigma cover those only",
+                stacklevel=2,
+            )
+        auroc_sigma, aurc_sigma = binned_auroc_aurc(sigma_hist)
     return {
         "mean_iou": float(iou.nanmean()),
         "mean_iou_cirkd": float((tp / (union + CIRKD_EPS)).mean()),
@@ -122,11 +226,17 @@ def metrics_from_accumulators(
             "bin_edges": edges.tolist(),
         },
         "num_pixels": int(total),
+        "nll": mean(nll_sum),
+        "brier": mean(brier_sum),
+        "auroc_msp": auroc_msp,
+        "aurc_msp": aurc_msp,
+        "auroc_sigma": auroc_sigma,
+        "aurc_sigma": aurc_sigma,
     }
 
 
 class SegmentationMetrics:
-    """Streaming mIoU / accuracy / ECE for semantic segmentation, exact under data parallelism.
+    """Streaming mIoU / accuracy / ECE / NLL / Brier / AUROC / AURC, exact under data parallelism.
 
     Args:
         num_classes: C, number of classes (labels are in `[0, C)` or `ignore_index`).
@@ -137,6 +247,12 @@ class SegmentationMetrics:
             evaluation (and its CE); transformers' SegFormer uses False. Both are "correct"; the
             choice shifts mIoU by a few hundredths of a point.
         device: where to create the accumulators; default: the device of the first batch.
+        uncertainty_bins: K, equal-width bins of the uncertainty histograms behind AUROC/AURC
+            (module docstring: the binned values differ from the exact ones only through pixels
+            sharing a bin). Must be the same in every process.
+        uncertainty_max: upper end of the fixed range [0, uncertainty_max] binned for the extra
+            `uncertainty` score (higher values go to the last bin). 0.5 bounds the standard
+            deviation of any probability, e.g. MC-dropout sigma of the predicted class.
 
     Usage::
 
@@ -146,8 +262,9 @@ class SegmentationMetrics:
         metrics.reduce(accelerator)        # sum across processes (no-op with one process)
         results = metrics.compute()
 
-    Accumulator dtypes: int64 counts (exact for any dataset size) and float64 confidence sums,
-    so sums over processes equal the one-process sums up to float64 rounding of the order.
+    Accumulator dtypes: int64 counts (exact for any dataset size) and float64 sums (confidences,
+    NLL, Brier), so sums over processes equal the one-process sums up to float64 rounding of the
+    order. State size: `C*C + 3*bins + 2 + 4*K` numbers.
     """
 
     def __init__(
@@ -157,11 +274,17 @@ class SegmentationMetrics:
         ece_bins: int = 10,
         align_corners: bool = True,
         device: Optional[Union[str, torch.device]] = None,
+        uncertainty_bins: int = 10_000,
+        uncertainty_max: float = 0.5,
     ):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes = {num_classes!r} must be an integer >= 2")
         if isinstance(ece_bins, bool) or not isinstance(ece_bins, int) or ece_bins < 1:
             raise ValueError(f"ece_bins = {ece_bins!r} must be an integer >= 1")
+        if isinstance(uncertainty_bins, bool) or not isinstance(uncertainty_bins, int) or uncertainty_bins < 1:
+            raise ValueError(f"uncertainty_bins = {uncertainty_bins!r} must be an integer >= 1")
+        if not (isinstance(uncertainty_max, (int, float)) and 0 < uncertainty_max < math.inf):
+            raise ValueError(f"uncertainty_max = {uncertainty_max!r} must be a finite number > 0")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index = {ignore_index!r} must be an integer (255 in this project)")
         if 0 <= ignore_index < num_classes:
@@ -174,6 +297,8 @@ class SegmentationMetrics:
         self.ece_bins = ece_bins
         self.align_corners = bool(align_corners)
         self.device = None if device is None else torch.device(device)
+        self.uncertainty_bins = uncertainty_bins
+        self.uncertainty_max = float(uncertainty_max)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -184,6 +309,10 @@ class SegmentationMetrics:
         self.bin_count: Optional[torch.Tensor] = None
         self.bin_correct: Optional[torch.Tensor] = None
         self.bin_conf_sum: Optional[torch.Tensor] = None
+        self.nll_sum: Optional[torch.Tensor] = None
+        self.brier_sum: Optional[torch.Tensor] = None
+        self.msp_hist: Optional[torch.Tensor] = None
+        self.sigma_hist: Optional[torch.Tensor] = None
         self._reduced = False
 
     def _init_state(self, device: torch.device) -> None:
@@ -192,12 +321,17 @@ class SegmentationMetrics:
         self.bin_count = torch.zeros(b, dtype=torch.int64, device=device)
         self.bin_correct = torch.zeros(b, dtype=torch.int64, device=device)
         self.bin_conf_sum = torch.zeros(b, dtype=torch.float64, device=device)
+        self.nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.brier_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.msp_hist = torch.zeros(self.uncertainty_bins, 2, dtype=torch.int64, device=device)
+        self.sigma_hist = torch.zeros(self.uncertainty_bins, 2, dtype=torch.int64, device=device)
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
         """The live accumulators by name (`ACCUMULATORS` order), created as zeros if no update ran.
 
         `confusion_matrix` `(C, C)` int64, `bin_count` `(bins,)` int64, `bin_correct` `(bins,)`
-        int64, `bin_conf_sum` `(bins,)` float64. Summing these over disjoint data splits gives
+        int64, `bin_conf_sum` `(bins,)` float64, `nll_sum` and `brier_sum` `()` float64,
+        `msp_hist` and `sigma_hist` `(K, 2)` int64. Summing these over disjoint data splits gives
         the accumulators of the union.
         """
         if self.confusion_matrix is None:
@@ -214,6 +348,10 @@ class SegmentationMetrics:
             "bin_count": (self.ece_bins,),
             "bin_correct": (self.ece_bins,),
             "bin_conf_sum": (self.ece_bins,),
+            "nll_sum": (),
+            "brier_sum": (),
+            "msp_hist": (self.uncertainty_bins, 2),
+            "sigma_hist": (self.uncertainty_bins, 2),
         }
         current = self.state_tensors()
         for name in ACCUMULATORS:
@@ -233,8 +371,8 @@ class SegmentationMetrics:
                 None: `torch.distributed.all_reduce` when a process group is initialised, else
                 nothing to do.
 
-        Only the `C*C + 3*bins` accumulator numbers travel, never per-pixel data. Every process
-        must call it (it is a collective), also one that saw no data.
+        Only the `C*C + 3*bins + 2 + 4*K` accumulator numbers travel, never per-pixel data. Every
+        process must call it (it is a collective), also one that saw no data.
         """
         if self._reduced:
             raise RuntimeError(
@@ -285,7 +423,13 @@ class SegmentationMetrics:
             )
 
     @torch.no_grad()
-    def update(self, logits_or_probs: torch.Tensor, labels: torch.Tensor, is_probs: bool = False) -> None:
+    def update(
+        self,
+        logits_or_probs: torch.Tensor,
+        labels: torch.Tensor,
+        is_probs: bool = False,
+        uncertainty: Optional[torch.Tensor] = None,
+    ) -> None:
         """Accumulate one batch.
 
         Args:
@@ -295,6 +439,9 @@ class SegmentationMetrics:
                 `align_corners` as in the constructor) when smaller or larger.
             labels: `(B, H, W)` int64 class ids, `ignore_index` for unlabelled pixels.
             is_probs: see above. Confidences are the max probability (max softmax for logits).
+            uncertainty: optional `(B, H, W)` or `(B, h, w)` finite per-pixel score, higher = less
+                sure (e.g. MC-dropout sigma), resized like the logits; gives `auroc_sigma` and
+                `aurc_sigma`, binned on [0, `uncertainty_max`].
         """
         if self._reduced:
             raise RuntimeError("update() after reduce(): call reset() first to start a new evaluation")
@@ -309,25 +456,56 @@ class SegmentationMetrics:
             raise ValueError(f"batch sizes differ: logits_or_probs {b}, labels {labels.shape[0]}")
         if not logits_or_probs.dtype.is_floating_point:
             raise ValueError(f"logits_or_probs must be floating point, got dtype {logits_or_probs.dtype}")
+        if uncertainty is not None and (
+            uncertainty.dim() != 3 or uncertainty.shape[0] != b or not uncertainty.dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"uncertainty must be a float (B, H, W) or (B, h, w) map with B = {b}, got shape "
+                f"{tuple(uncertainty.shape)} and dtype {uncertainty.dtype}"
+            )
         labels = labels.to(logits_or_probs.device)
         self._check_labels(labels)
         if self.confusion_matrix is None:
             self._init_state(self.device or logits_or_probs.device)
 
+        size = labels.shape[-2:]
+        valid = labels != self.ignore_index
+        # Any class id for the unlabelled pixels, so that gather works; they are dropped below.
+        target = torch.where(valid, labels, 0).unsqueeze(1)
         x = logits_or_probs.detach()
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            if x.shape[-2:] != labels.shape[-2:]:
-                x = F.interpolate(x, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+            if x.shape[-2:] != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
             if is_probs:
                 conf, pred = x.max(dim=1)
+                p_y = x.gather(1, target).squeeze(1)
+                nll = -p_y.clamp_min(torch.finfo(torch.float32).tiny).log()
+                others = x.scatter(1, target, 0.0)  # a copy: x may be the caller's tensor
+                brier = (1 - p_y).square() + others.square_().sum(dim=1)
             else:
                 # max softmax = 1 / sum_c exp(x_c - max): one exp pass, no normalised copy.
                 top, pred = x.max(dim=1)
-                conf = (x - top.unsqueeze(1)).exp_().sum(dim=1).reciprocal_()
+                e = (x - top.unsqueeze(1)).exp_()
+                total = e.sum(dim=1)
+                conf = total.reciprocal()
+                gap = top - x.gather(1, target).squeeze(1)  # max - x_y >= 0
+                # From here on e holds the other classes' terms only: their sum `rest` gives
+                # 1 - p_y = rest / total without the cancellation of 1 - p_y (or of
+                # sum_c p_c^2 - 2 p_y + 1), which would be fp32 noise for confident pixels.
+                e.scatter_(1, target, 0.0)
+                rest = e.sum(dim=1)
+                # -log p_y = log(total) + max - x_y (log-sum-exp); when y is the argmax, total =
+                # 1 + rest and log1p keeps the small NLL of confident correct pixels accurate.
+                nll = torch.where(gap == 0, rest.log1p(), total.log() + gap)
+                brier = (rest / total).square() + e.square_().sum(dim=1) / total.square()
+            if uncertainty is not None:
+                u = uncertainty.detach().to(x.device).float()
+                if u.shape[-2:] != size:
+                    u = F.interpolate(u.unsqueeze(1), size=size, mode="bilinear",
+                                      align_corners=self.align_corners).squeeze(1)
 
-        num_c, bins = self.num_classes, self.ece_bins
-        valid = labels != self.ignore_index
+        num_c, bins, k = self.num_classes, self.ece_bins, self.uncertainty_bins
         lab = labels[valid]
         pred = pred[valid]
         # Binning in float64 so that c * bins never rounds across a bin edge.
@@ -339,18 +517,33 @@ class SegmentationMetrics:
         hits = torch.bincount(bin_idx * 2 + correct, minlength=2 * bins).view(bins, 2)
         conf_sum = torch.bincount(bin_idx, weights=conf, minlength=bins)
 
+        def histogram(score: torch.Tensor, high: float) -> torch.Tensor:
+            """`(K, 2)` counts of (correct, wrong) pixels per bin of `score` on [0, high]."""
+            idx = (score * (k / high)).floor_().clamp_(0, k - 1).long()
+            return torch.bincount(idx * 2 + (1 - correct), minlength=2 * k).view(k, 2)
+
+        if uncertainty is not None:
+            u = u[valid].double()
+            if not bool(torch.isfinite(u).all()):  # checked before any accumulator changes
+                raise ValueError("uncertainty contains NaN or inf at labelled pixels")
         dev = self.confusion_matrix.device
         self.confusion_matrix += cm.to(dev)
         self.bin_count += hits.sum(1).to(dev)
         self.bin_correct += hits[:, 1].to(dev)
         self.bin_conf_sum += conf_sum.to(dev)
+        self.nll_sum += nll[valid].double().sum().to(dev)
+        self.brier_sum += brier[valid].double().sum().to(dev)
+        self.msp_hist += histogram(1 - conf, 1.0).to(dev)  # 1 - conf is exact in float64
+        if uncertainty is not None:
+            self.sigma_hist += histogram(u, self.uncertainty_max).to(dev)
 
     @torch.no_grad()
     def update_predictions(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
         """Accumulate hard predictions `(B, H, W)` (int64) only: IoU/accuracy, no ECE contribution.
 
-        Meant for predictions that have no confidence (e.g. loaded PNGs). Mixing this with
-        `update` makes the ECE cover a subset of the pixels of the IoU.
+        Meant for predictions that have no confidence (e.g. loaded PNGs). They give no NLL, Brier,
+        AUROC or AURC either: with only this, those are NaN (and the `*_sigma` ones None). Mixing
+        this with `update` makes ECE and uncertainty metrics cover a subset of the IoU's pixels.
         """
         if self._reduced:
             raise RuntimeError("update_predictions() after reduce(): call reset() first")
@@ -377,17 +570,25 @@ class SegmentationMetrics:
             `metrics_from_accumulators` of the current state: `mean_iou`, `mean_iou_cirkd`,
             `per_class_iou` (list of C, NaN for absent classes), `pixel_accuracy`,
             `mean_accuracy`, `per_class_accuracy`, `ece`, `reliability` (per-bin `accuracy`,
-            `confidence`, `count`, `bin_edges`), `num_pixels`. All Python numbers/lists.
+            `confidence`, `count`, `bin_edges`), `num_pixels`, `nll` (nats), `brier`, `auroc_msp`,
+            `aurc_msp` (NaN if no `update` ran), `auroc_sigma`, `aurc_sigma` (None unless an
+            `uncertainty` map was passed). All Python numbers/lists (fractions, not %).
         """
         return metrics_from_accumulators(**self.state_tensors())
 
     def to_evaluate_inputs(self) -> Dict[str, list]:
-        """The accumulators as plain lists, for `evaluate.load(metric_module_path()).add(**inputs)`."""
-        return {name: tensor.tolist() for name, tensor in self.state_tensors().items()}
+        """The accumulators as plain lists, for `evaluate.load(metric_module_path()).add(**inputs)`.
+
+        Only `EVALUATE_INPUTS` (confusion matrix and ECE bins): the `mean_iou_ece` module computes
+        mIoU/accuracy/ECE, not the uncertainty metrics.
+        """
+        state = self.state_tensors()
+        return {name: state[name].tolist() for name in EVALUATE_INPUTS}
 
     def __repr__(self) -> str:
         pixels = 0 if self.confusion_matrix is None else int(self.confusion_matrix.sum())
         return (
             f"{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
-            f"ece_bins={self.ece_bins}, align_corners={self.align_corners}, pixels={pixels}, reduced={self._reduced})"
+            f"ece_bins={self.ece_bins}, align_corners={self.align_corners}, uncertainty_bins={self.uncertainty_bins}, "
+            f"uncertainty_max={self.uncertainty_max}, pixels={pixels}, reduced={self._reduced})"
         )
