@@ -17,12 +17,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .metrics import SegmentationMetrics
+from .metrics import UNCERTAINTY_ROWS, SegmentationMetrics
 from .models import SegmentationStudent, eval_mode, module_device
 from .viz import reliability_diagram
 
@@ -102,42 +102,55 @@ def _predict(
     scales: Tuple[float, ...],
     mc_samples: int,
     generator: Optional[torch.Generator],
-) -> Tuple[torch.Tensor, bool]:
-    """`(B, C, H, W)` fp32 logits averaged over views, or MC-dropout mean probabilities; and `is_probs`."""
-    total = None
+) -> Tuple[torch.Tensor, bool, Optional[torch.Tensor]]:
+    """`(B, C, H, W)` fp32 logits averaged over views, or MC-dropout mean probabilities; `is_probs`;
+    and with MC dropout the per-pixel uncertainty `(B, H, W)`: the standard deviation over the T
+    passes (population, so within [0, 0.5]) of the probability of the class the mean predicts,
+    averaged over views like the prediction (else None)."""
+    total, total_sigma = None, None
     for scale in scales:
         x = pixel_values
         if scale != 1.0:
             x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=True)
         views = [(x, False)] + ([(torch.flip(x, dims=[3]), True)] if flip else [])
-        per_scale = None
+        per_scale, per_scale_sigma = None, None
         for view, flipped in views:
+            sigma = None
             if mc_samples:
                 # T exact MC-dropout passes from the first dropout site (see SegmentationStudent.sample_logits)
                 samples = student.sample_logits(mc_samples, features=student.forward_features(view),
                                                 generator=generator)
-                pred = 0.0
+                pred, square = 0.0, 0.0
                 # One sample at a time at full resolution: T x B x C x H x W would not fit for Cityscapes.
                 # The passes are drawn lazily: each runs here, under the caller's autocast like the
                 # forward above, not inside the fp32 block (bf16 features into fp32 layers fail).
                 for s in samples:
                     with torch.autocast(device_type=view.device.type, enabled=False):
-                        pred = pred + torch.softmax(_upsample(s, size), dim=1)
+                        prob = torch.softmax(_upsample(s, size), dim=1)
+                        pred, square = pred + prob, square + prob * prob
                 pred = pred / mc_samples
+                top = pred.argmax(1, keepdim=True)
+                var = (square / mc_samples).gather(1, top) - pred.gather(1, top) ** 2
+                sigma = var.clamp_min(0).sqrt().squeeze(1)
             else:
                 logits = student(view).logits
                 with torch.autocast(device_type=view.device.type, enabled=False):
                     pred = _upsample(logits, size)
             if flipped:
                 pred = torch.flip(pred, dims=[3])
+                sigma = None if sigma is None else torch.flip(sigma, dims=[2])
             per_scale = pred if per_scale is None else per_scale + pred
-        per_scale = per_scale / len(views)
-        total = per_scale if total is None else total + per_scale
-    return total / len(scales), bool(mc_samples)
+            if sigma is not None:
+                per_scale_sigma = sigma if per_scale_sigma is None else per_scale_sigma + sigma
+        total = per_scale / len(views) if total is None else total + per_scale / len(views)
+        if per_scale_sigma is not None:
+            total_sigma = per_scale_sigma / len(views) + (0 if total_sigma is None else total_sigma)
+    return total / len(scales), bool(mc_samples), None if total_sigma is None else total_sigma / len(scales)
 
 
 def _per_sample_states(
-    metrics: SegmentationMetrics, pred: torch.Tensor, labels: torch.Tensor, is_probs: bool
+    metrics: SegmentationMetrics, pred: torch.Tensor, labels: torch.Tensor, is_probs: bool,
+    sigma: Optional[torch.Tensor] = None,
 ):
     """Accumulators of each sample of the batch, stacked: `{name: (B, ...)}` (for `gather_for_metrics`)."""
     states = []
@@ -145,7 +158,8 @@ def _per_sample_states(
         one = SegmentationMetrics(
             metrics.num_classes, metrics.ignore_index, metrics.ece_bins, device=pred.device
         )
-        one.update(pred[b : b + 1], labels[b : b + 1], is_probs=is_probs)
+        one.update(pred[b : b + 1], labels[b : b + 1], is_probs=is_probs,
+                   uncertainty=None if sigma is None else sigma[b : b + 1])
         states.append(one.state_tensors())
     return {name: torch.stack([s[name] for s in states]) for name in states[0]}
 
@@ -192,7 +206,10 @@ def evaluate_model(
     Returns:
         `SegmentationMetrics.compute()`: `mean_iou`, `mean_iou_cirkd`, `per_class_iou` (C,),
         `pixel_accuracy`, `mean_accuracy`, `per_class_accuracy`, `ece` (fractions, not %),
-        `reliability` {`accuracy`, `confidence`, `count`, `bin_edges`}, `num_pixels`. Identical on
+        `reliability` {`accuracy`, `confidence`, `count`, `bin_edges`}, `num_pixels`; and the
+        uncertainty metrics `nll` (nats), `brier`, `auroc_msp` / `aurc_msp` (max-softmax confidence
+        as a detector of the model's own errors), with MC dropout also `auroc_sigma` /
+        `aurc_sigma` (the MC standard deviation of the predicted class; else None). Identical on
         every process.
 
     Exactness with several processes. A loader that Accelerate prepared with `even_batches=True`
@@ -244,12 +261,12 @@ def evaluate_model(
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             size = tuple(labels.shape[-2:])
-            pred, is_probs = _predict(student, pixel_values, size, flip, scales, mc_samples, generator)
+            pred, is_probs, sigma = _predict(student, pixel_values, size, flip, scales, mc_samples, generator)
             if gather:
-                gathered = accelerator.gather_for_metrics(_per_sample_states(metrics, pred, labels, is_probs))
+                gathered = accelerator.gather_for_metrics(_per_sample_states(metrics, pred, labels, is_probs, sigma))
                 metrics.load_state_tensors({name: t.sum(0) for name, t in gathered.items()}, add=True)
             else:
-                metrics.update(pred, labels, is_probs=is_probs)
+                metrics.update(pred, labels, is_probs=is_probs, uncertainty=sigma)
     if world > 1 and not gather:
         metrics.reduce(accelerator)
     return metrics.compute()
@@ -324,7 +341,11 @@ def format_metrics_table(metrics: Mapping[str, Any], id2label: Optional[Mapping[
         f"| **ECE ({len(metrics['reliability']['count'])} bins)** | **{pct(metrics['ece'])}** |",
         f"| **pixel accuracy** | **{pct(metrics['pixel_accuracy'])}** |",
     ]
+    for key, name, fmt in UNCERTAINTY_ROWS:
+        if metrics.get(key) is not None:
+            rows.append(f"| {name} | {fmt(metrics[key])} |")
     return "\n".join(rows)
+
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

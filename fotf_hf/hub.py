@@ -25,6 +25,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from .metrics import UNCERTAINTY_ROWS
+
 __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
     "HubUploadError",
@@ -267,7 +269,7 @@ def build_model_card(
         {"name": f"ECE (%, {bins} bins)", "value": _pct(metrics["ece"])},
         {"name": "pixel accuracy (%)", "value": _pct(metrics.get("pixel_accuracy"))},
         {"name": "mean class accuracy (%)", "value": _pct(metrics.get("mean_accuracy"))},
-    ]
+    ] + [{"name": name, "value": fmt(metrics[key])} for key, name, fmt in UNCERTAINTY_ROWS if metrics.get(key) is not None]
     if teacher:
         kind = f"distilled from `{teacher}` with {method}"
     else:

@@ -83,6 +83,7 @@ __all__ = [
     "binned_auroc_aurc",
     "metrics_from_accumulators",
     "metric_module_path",
+    "UNCERTAINTY_ROWS",
 ]
 
 # CIRKD's `utils/score.py` adds numpy's machine epsilon to every union.
@@ -592,3 +593,15 @@ class SegmentationMetrics:
             f"ece_bins={self.ece_bins}, align_corners={self.align_corners}, uncertainty_bins={self.uncertainty_bins}, "
             f"uncertainty_max={self.uncertainty_max}, pixels={pixels}, reduced={self._reduced})"
         )
+
+
+# How reports show the uncertainty metrics: (compute() key, row name, formatter). Older metrics.json
+# records lack them; the MC rows need T >= 2 samples.
+UNCERTAINTY_ROWS = (
+    ("nll", "NLL (nats per pixel)", lambda v: f"{v:.4f}"),
+    ("brier", "Brier score", lambda v: f"{v:.4f}"),
+    ("auroc_msp", "AUROC of 1 - max softmax for errors (%)", lambda v: f"{100 * v:.2f}"),
+    ("aurc_msp", "AURC, max softmax (%, lower is better)", lambda v: f"{100 * v:.2f}"),
+    ("auroc_sigma", "AUROC of MC sigma for errors (%)", lambda v: f"{100 * v:.2f}"),
+    ("aurc_sigma", "AURC, MC sigma (%, lower is better)", lambda v: f"{100 * v:.2f}"),
+)

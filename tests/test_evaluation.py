@@ -218,6 +218,22 @@ def test_mc_dropout_uses_the_predictive_mean_of_the_samples():
     assert_metrics_close(metrics, ref)
     deterministic = evaluate_model(student, make_loader(items, batch_size=3))
     assert metrics["ece"] != deterministic["ece"]
+    assert deterministic["auroc_sigma"] is None  # no MC samples, no sigma
+
+    # Uncertainty metrics against NumPy / sklearn: the NLL of the mean probability, and the AUROC of
+    # sigma = std over the T passes (population) of the predicted class's probability for the errors.
+    from sklearn.metrics import roc_auc_score
+
+    probs = np_softmax(samples.double().numpy(), 2)  # (T, B, C, h, w)
+    labels = np.stack([it["labels"].numpy() for it in items])
+    top = mean.argmax(1)
+    p_top = np.take_along_axis(probs, top[None, :, None], axis=2)[:, :, 0]  # (T, B, h, w)
+    sigma, valid = p_top.std(0), labels != 255
+    p_true = np.take_along_axis(mean, np.where(valid, labels, 0)[:, None], axis=1)[:, 0]
+    assert metrics["nll"] == pytest.approx(-np.log(p_true[valid]).mean(), rel=1e-5)
+    errors = (top != labels)[valid]
+    assert metrics["auroc_sigma"] == pytest.approx(roc_auc_score(errors, sigma[valid]), abs=2e-3)
+    assert metrics["auroc_msp"] == pytest.approx(roc_auc_score(errors, 1 - mean.max(1)[valid]), abs=2e-3)
 
 
 def test_runs_inside_autocast_and_returns_fp32_metrics():
