@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fotf_hf.data import SegmentationTransform, build_dataset, pascal_palette
+from fotf_hf.data import SegmentationTransform, build_dataset, decode_image, pascal_palette
 
 
 def _png(path, array, mode=None, palette=None):
@@ -55,9 +55,11 @@ def test_camvid_layout_and_void_to_ignore(tmp_path, lists):
     assert set(dd) == {"train", "validation", "test"}
     assert info.num_labels == 11 and info.id2label[0] == "Sky" and info.id2label[10] == "Bicyclist"
     assert info.palette.shape == (11, 3) and info.palette.dtype == np.uint8
-    assert dd["train"].features["image"] == datasets.Image() and dd["train"].features["label"] == datasets.Image()
+    # lazy columns: rows hold {"path", "bytes"}; SegmentationTransform decodes (and names broken files)
+    lazy = datasets.Image(decode=False)
+    assert dd["train"].features["image"] == lazy and dd["train"].features["label"] == lazy
     assert dd["validation"].cache_files == []  # in memory: paths only
-    rows = dd["validation"].cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
+    rows = dd["validation"]
     assert [Path(r["image"]["path"]).name for r in rows] == ["val_a.png", "val_b.png"]
     assert [Path(r["label"]["path"]).parent.name for r in rows] == ["valannot", "valannot"]
     for lab in _eval_labels(dd["validation"], info):
@@ -174,14 +176,14 @@ def test_voc_lists_palette_labels_and_ignore(tmp_path, list_dir, pair_lines):
     dd, info = build_dataset("voc", root=tmp_path)
     assert info.num_labels == 21 and info.id2label[15] == "person" and tuple(info.palette[15]) == (192, 128, 128)
     assert len(dd["train"]) == 2 and len(dd["validation"]) == 1
-    assert dd["validation"][0]["label"].mode == "P"
-    val_paths = dd["validation"].cast_column("label", datasets.Image(decode=False))[0]["label"]["path"]
+    assert decode_image(dd["validation"][0]["label"]).mode == "P"
+    val_paths = dd["validation"][0]["label"]["path"]
     assert Path(val_paths).parent.name == "SegmentationClass"
     np.testing.assert_array_equal(_eval_labels(dd["validation"], info)[0], val_label)
     for lab in _eval_labels(dd["train"], info):
         np.testing.assert_array_equal(lab, train_label)
     # a palette PNG converted through mode "L" would have been corrupted: that is what we avoid
-    assert not np.array_equal(np.asarray(dd["validation"][0]["label"].convert("L")), val_label)
+    assert not np.array_equal(np.asarray(decode_image(dd["validation"][0]["label"]).convert("L")), val_label)
 
 
 def test_voc_explicit_list_paths_and_missing_list(tmp_path):

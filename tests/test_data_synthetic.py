@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 
-from fotf_hf.data import SYNTHETIC_CLASSES, SegmentationTransform, build_dataset
+from fotf_hf.data import SYNTHETIC_CLASSES, SegmentationTransform, build_dataset, decode_image
 from fotf_hf.data.synthetic import generate_split
 
 
 def _arrays(split):
-    return [np.asarray(im) for im in split["image"]], [np.asarray(lab) for lab in split["label"]]
+    # build_dataset's columns are lazy ({"path", "bytes"} rows): decode them here
+    return ([np.asarray(decode_image(im)) for im in split["image"]],
+            [np.asarray(decode_image(lab)) for lab in split["label"]])
 
 
 def test_same_seed_identical_different_seed_different():
@@ -27,14 +29,16 @@ def test_same_seed_identical_different_seed_different():
 def test_a_sample_does_not_depend_on_the_split_size():
     small, _ = build_dataset("synthetic-streets", num_train=2, num_val=1)
     large, _ = build_dataset("synthetic-streets", num_train=5, num_val=3)
-    np.testing.assert_array_equal(np.asarray(small["validation"][0]["label"]), np.asarray(large["validation"][0]["label"]))
-    np.testing.assert_array_equal(np.asarray(small["train"][1]["image"]), np.asarray(large["train"][1]["image"]))
+    np.testing.assert_array_equal(np.asarray(decode_image(small["validation"][0]["label"])),
+                                  np.asarray(decode_image(large["validation"][0]["label"])))
+    np.testing.assert_array_equal(np.asarray(decode_image(small["train"][1]["image"])),
+                                  np.asarray(decode_image(large["train"][1]["image"])))
 
 
 def test_sizes_info_and_splits():
     dd, info = build_dataset("synthetic-streets", num_train=3, num_val=2, num_test=1, image_size=(48, 64))
     assert {k: len(v) for k, v in dd.items()} == {"train": 3, "validation": 2, "test": 1}
-    row = dd["train"][0]
+    row = {key: decode_image(value) for key, value in dd["train"][0].items()}
     assert row["image"].mode == "RGB" and row["image"].size == (64, 48)
     assert row["label"].mode == "L" and row["label"].size == (64, 48)
     assert info.num_labels == 8 and tuple(info.id2label.values()) == SYNTHETIC_CLASSES

@@ -1,8 +1,10 @@
 """`build_dataset(name, root, **options) -> (DatasetDict, DatasetInfo)` for every supported dataset.
 
-Folder datasets become `datasets.Dataset.from_dict` tables of file paths with `datasets.Image()`
-columns `image` and `label`: nothing is decoded or copied until a sample is read. Splits are named
-`train`, `validation` and, where present, `test`.
+Folder datasets become `datasets.Dataset.from_dict` tables of file paths. Every builder returns
+lazy `datasets.Image(decode=False)` columns `image` and `label`: rows carry `{"path", "bytes"}`
+dicts and nothing is decoded until `SegmentationTransform` opens the files, inside a check that
+names a broken one (`fotf_hf.data.decode_image` opens a row by hand; `scan_split` checks a split).
+Splits are named `train`, `validation` and, where present, `test`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .info import (
     pascal_palette,
 )
 from .synthetic import build_synthetic_streets
+from .transforms import defer_decoding
 
 Pairs = Tuple[List[str], List[str]]
 _MAX_LISTED = 10
@@ -38,16 +41,19 @@ def _examples(items: Sequence[str]) -> str:
     return shown + (f" ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
 
 
-def _paths_dataset(images: Sequence[str], labels: Sequence[str], label_map: Optional[str] = None):
-    """A lazily decoded `Dataset` over image/label paths (plus the `label_map` column when needed)."""
+def _paths_dataset(images: Sequence[str], labels: Sequence[str], label_map: Optional[str] = None,
+                   split: Optional[str] = None):
+    """A lazy `Dataset` over image/label paths (`Image(decode=False)`; plus the `label_map` column when needed)."""
     import datasets
 
     columns = {"image": list(images), "label": list(labels)}
-    features = {"image": datasets.Image(), "label": datasets.Image()}
+    features = {"image": datasets.Image(decode=False), "label": datasets.Image(decode=False)}
     if label_map:
         columns[LABEL_MAP_COLUMN] = [label_map] * len(columns["image"])
         features[LABEL_MAP_COLUMN] = datasets.Value("string")
-    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    return datasets.Dataset.from_dict(
+        columns, features=datasets.Features(features), split=None if split is None else datasets.NamedSplit(split)
+    )
 
 
 def root_env_var(name: str) -> str:
@@ -145,7 +151,7 @@ def build_camvid(root) -> Tuple["DatasetDict", DatasetInfo]:  # noqa: F821
             )
         else:
             continue  # only the test split may be absent; train/val folders were checked above
-        splits[out_name] = _paths_dataset(images, labels, label_map)
+        splits[out_name] = _paths_dataset(images, labels, label_map, split=out_name)
     info = DatasetInfo(
         name="camvid", num_labels=len(CAMVID_CLASSES), id2label=dict(enumerate(CAMVID_CLASSES)),
         palette=np.asarray(CAMVID_PALETTE, dtype=np.uint8),
@@ -176,7 +182,7 @@ def build_cityscapes(root) -> Tuple["DatasetDict", DatasetInfo]:  # noqa: F821
         images = {str(p.relative_to(image_dir))[: -len(image_suffix)]: str(p) for p in image_dir.glob(f"*/*{image_suffix}")}
         labels = {str(p.relative_to(label_dir))[: -len(label_suffix)]: str(p) for p in label_dir.glob(f"*/*{label_suffix}")}
         pairs = _match_by_key(images, labels, f"cityscapes {split} in {root}")
-        splits[out_name] = _paths_dataset(*pairs, label_map)
+        splits[out_name] = _paths_dataset(*pairs, label_map, split=out_name)
     info = DatasetInfo(name="cityscapes", num_labels=len(id2label), id2label=id2label, palette=palette)
     return datasets.DatasetDict(splits), info
 
@@ -237,7 +243,7 @@ def build_voc(root, train_list: str = "train_aug", val_list: str = "val") -> Tup
             else:
                 raise ValueError(f"{list_file}:{number}: expected a name or an 'image label' pair, got {' '.join(tokens)!r}")
         _check_files_exist(images, labels, f"voc list {list_file}")
-        splits[out_name] = _paths_dataset(images, labels)
+        splits[out_name] = _paths_dataset(images, labels, split=out_name)
     info = DatasetInfo(name="voc", num_labels=len(VOC_CLASSES), id2label=dict(enumerate(VOC_CLASSES)),
                        palette=pascal_palette(len(VOC_CLASSES)), ignore_color=(224, 224, 192))
     return datasets.DatasetDict(splits), info
@@ -330,7 +336,7 @@ def build_hub(
             ds = ds.rename_columns({image_column: "image", label_column: "label"})
         if spec:
             ds = ds.add_column(LABEL_MAP_COLUMN, [spec] * len(ds), feature=datasets.Value("string"))
-        out[split] = ds
+        out[split] = defer_decoding(ds, ("image", "label"))
 
     if id2label is None and local.is_dir() and (local / "id2label.json").is_file():
         id2label = json.loads((local / "id2label.json").read_text())
@@ -384,9 +390,10 @@ def build_dataset(name: str, root=None, **options) -> Tuple["DatasetDict", Datas
             `build_hub`, `build_synthetic_streets`.
 
     Returns:
-        `(DatasetDict, DatasetInfo)`: splits `train` / `validation` [/ `test`] with `datasets.Image()`
-        columns `image` and `label` (+ a `label_map` string column when raw ids need remapping;
-        `SegmentationTransform` applies it).
+        `(DatasetDict, DatasetInfo)`: splits `train` / `validation` [/ `test`] with lazy
+        `datasets.Image(decode=False)` columns `image` and `label` (rows hold `{"path", "bytes"}`;
+        `SegmentationTransform` decodes them and names a broken file) + a `label_map` string column
+        when raw ids need remapping (`SegmentationTransform` applies it).
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -402,10 +409,13 @@ def build_dataset(name: str, root=None, **options) -> Tuple["DatasetDict", Datas
             raise ValueError("synthetic-streets: give the cache folder as root= or cache_dir=, not both")
         if root is not None:
             options["cache_dir"] = root
-        return builder(**options)
-    if name == "hub":
-        return builder(root=root, **options)
-    return builder(root, **options)
+        dataset_dict, info = builder(**options)
+    elif name == "hub":
+        dataset_dict, info = builder(root=root, **options)
+    else:
+        dataset_dict, info = builder(root, **options)
+    # Every built-in builder already returns lazy columns; this covers any other registered one.
+    return defer_decoding(dataset_dict, ("image", "label")), info
 
 
 __all__ = [

@@ -332,7 +332,8 @@ def build_synthetic_streets(
             sub-folder per option set) and later builds only read the paths.
 
     Returns:
-        `(DatasetDict, DatasetInfo)`; columns `image`, `label` (`datasets.Image()`).
+        `(DatasetDict, DatasetInfo)`; lazy columns `image`, `label` (`datasets.Image(decode=False)`:
+        rows hold `{"path", "bytes"}`, `SegmentationTransform` decodes them).
     """
     import datasets
 
@@ -345,7 +346,7 @@ def build_synthetic_streets(
     if int(num_train) == 0 and int(num_val) == 0:
         raise ValueError("synthetic-streets needs num_train > 0 or num_val > 0")
     h, w = int(image_size[0]), int(image_size[1])
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Image(decode=False)})
     folder = None
     if cache_dir is not None:
         key = json.dumps({"size": [h, w], "seed": int(seed), "version": 1}, sort_keys=True)
@@ -366,7 +367,7 @@ def build_synthetic_streets(
             }
         else:
             rows = _cached_split(folder / split, split, n, (h, w), seed)
-        splits[split] = datasets.Dataset.from_dict(rows, features=features)
+        splits[split] = datasets.Dataset.from_dict(rows, features=features, split=datasets.NamedSplit(split))
     return datasets.DatasetDict(splits), synthetic_streets_info()
 
 

@@ -51,6 +51,10 @@ class BadSampleError(ValueError):
     """A sample that cannot be used: undecodable file, image/label size mismatch, invalid label ids."""
 
 
+class TooManyBadSamplesError(BadSampleError):
+    """`on_bad_sample="skip"` dropped more rows of a split than its `max_skip_fraction` allows."""
+
+
 def _check_normalization(normalization: str) -> Dict[str, Tuple[float, ...]]:
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; valid choices: {', '.join(NORMALIZATIONS)}")
@@ -125,7 +129,7 @@ def decode_image(value: ImageLike) -> Image.Image:
         image.load()
     except BadSampleError:
         raise
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL reports broken files with all three
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL uses all of these
         raise BadSampleError(f"cannot decode {_describe(value)}: {exc}") from exc
     if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
         image = ImageOps.exif_transpose(image)
@@ -144,6 +148,32 @@ def _label_array(label: Image.Image, where: str) -> np.ndarray:
         f"label {where} has mode {label.mode!r}; expected a single-channel class-id image "
         "(mode L, P or I). Colour-coded masks must be converted to class ids first."
     )
+
+
+def check_label(
+    label: np.ndarray,
+    image_size_wh: Tuple[int, int],
+    label_map: Optional[str],
+    num_labels: int,
+    image_name: str = "the image",
+    label_name: str = "the label",
+) -> None:
+    """Raise a `BadSampleError` naming the files when the `(H, W)` raw label does not match the
+    image size `(W, H)` or holds values whose train id is neither in `[0, num_labels)` nor 255."""
+    if tuple(image_size_wh) != (label.shape[1], label.shape[0]):
+        raise BadSampleError(
+            f"image {image_name} is {image_size_wh[1]}x{image_size_wh[0]} (HxW) but its label "
+            f"{label_name} is {label.shape[0]}x{label.shape[1]}"
+        )
+    bad = invalid_label_values(label, label_map, num_labels)
+    if bad:
+        mapped = map_labels(np.asarray(bad[:20]), label_map).tolist() if label_map else bad[:20]
+        raise BadSampleError(
+            f"label {label_name} has values outside [0, {num_labels}) and not {IGNORE_INDEX}: "
+            f"raw {bad[:20]}{' ...' if len(bad) > 20 else ''}"
+            + (f" (after the dataset's label_map: {mapped})" if label_map else "")
+            + f" (image {image_name})"
+        )
 
 
 def _resize_label(label: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
@@ -167,13 +197,17 @@ class SegmentationTransform:
         resize: applied to every sample before augmentation: None, an int (shorter side in pixels,
             aspect kept) or `(h, w)`. Image bilinear, label nearest.
         normalization: one of `NORMALIZATIONS` (`imagenet` or `cirkd_bgr`).
-        on_bad_sample: `raise` (default) or `skip`: drop the sample from its batch and log a warning
-            naming the file. Either way nothing passes silently.
+        on_bad_sample: `raise` (default): a `BadSampleError` naming the file. `skip`: drop the sample
+            from its batch and log a warning naming the file; under `SeededTransformDataset` (the
+            training set) a deterministic replacement keeps the batch full and too many bad rows
+            stop the run (`max_skip_fraction`). Either way nothing passes silently.
         image_column, label_column: input column names.
 
     The per-sample checks: image and label sizes match; label ids valid; files decodable. Files are
-    decoded here (and errors name them) when the dataset's columns are `Image(decode=False)`
-    (see `defer_decoding`); with decoding columns `datasets` opens the files before this runs.
+    decoded here, inside a check that names them, when the rows carry `{"path", "bytes"}` dicts:
+    `build_dataset` returns such lazy `Image(decode=False)` columns (see `defer_decoding`). Already
+    decoded PIL images (a dataset with decoding `Image()` columns) are accepted too, but then
+    `datasets` has opened the files before this runs and a broken one fails there, unnamed.
     """
 
     def __init__(
@@ -240,13 +274,21 @@ class SegmentationTransform:
         """`dataset` (Dataset or DatasetDict) with this transform, decoding files inside it (see `defer_decoding`)."""
         return defer_decoding(dataset, (self.image_column, self.label_column)).with_transform(self)
 
-    def __call__(self, batch: Dict[str, List[Any]], generator: Optional[torch.Generator] = None) -> Dict[str, list]:
+    def __call__(
+        self,
+        batch: Dict[str, List[Any]],
+        generator: Optional[torch.Generator] = None,
+        where: Optional[Sequence[str]] = None,
+    ) -> Dict[str, list]:
         """Transform a batch as `with_transform` passes it.
 
         Args:
             batch: dict of equal-length lists: `image` and `label` (PIL images, `{"path", "bytes"}`
                 dicts or paths) and optionally `label_map` (JSON strings, see `info.make_label_map`).
             generator: torch generator for the random draws (default: torch's global generator).
+            where: optional description of each sample (e.g. `"split 'train' row 17"`, as
+                `SeededTransformDataset` passes it), put in front of bad-sample errors and warnings
+                next to the file names (the only name a row of in-memory bytes has).
 
         Returns:
             `{"pixel_values": [(3, H, W) float32], "labels": [(H, W) int64]}`; shorter than the
@@ -257,14 +299,19 @@ class SegmentationTransform:
                 raise KeyError(f"the batch has no column {column!r}; it has: {', '.join(batch)}")
         images, labels = batch[self.image_column], batch[self.label_column]
         label_maps = batch.get(LABEL_MAP_COLUMN) or [None] * len(images)
+        wheres = list(where) if where is not None else [None] * len(images)
+        if len(wheres) != len(images):
+            raise ValueError(f"where= has {len(wheres)} entries for a batch of {len(images)} samples")
         out: Dict[str, list] = {"pixel_values": [], "labels": []}
-        for image, label, label_map in zip(images, labels, label_maps):
+        for image, label, label_map, at in zip(images, labels, label_maps, wheres):
             try:
                 pixel_values, target = self._transform_one(image, label, label_map, generator)
             except BadSampleError as exc:
                 if self.on_bad_sample == "raise":
+                    if at:
+                        raise type(exc)(f"{at}: {exc}") from exc
                     raise
-                logger.warning("skipping a bad sample: %s", exc)
+                logger.warning("skipping a bad sample%s: %s", f" ({at})" if at else "", exc)
                 continue
             out["pixel_values"].append(pixel_values)
             out["labels"].append(target)
@@ -273,24 +320,11 @@ class SegmentationTransform:
     # ------------------------------------------------------------------ one sample
 
     def _transform_one(self, image, label, label_map, generator):
-        where = f"{_describe(image)} / label {_describe(label)}"
+        image_name, label_name = _describe(image), _describe(label)
         image = decode_image(image)
         label_img = decode_image(label)
-        lab = _label_array(label_img, _describe(label))
-        if image.size != (lab.shape[1], lab.shape[0]):
-            raise BadSampleError(
-                f"image {_describe(image)} is {image.size[1]}x{image.size[0]} (HxW) but its label "
-                f"{_describe(label)} is {lab.shape[0]}x{lab.shape[1]}"
-            )
-        bad = invalid_label_values(lab, label_map, self.num_labels)
-        if bad:
-            mapped = map_labels(np.asarray(bad[:20]), label_map).tolist() if label_map else bad[:20]
-            raise BadSampleError(
-                f"label {_describe(label)} has values outside [0, {self.num_labels}) and not {IGNORE_INDEX}: "
-                f"raw {bad[:20]}{' ...' if len(bad) > 20 else ''}"
-                + (f" (after the dataset's label_map: {mapped})" if label_map else "")
-                + f" ({where})"
-            )
+        lab = _label_array(label_img, label_name)
+        check_label(lab, image.size, label_map, self.num_labels, image_name, label_name)
         if image.mode != "RGB":
             image = image.convert("RGB")
 
@@ -342,15 +376,27 @@ class SegmentationTransform:
         return torch.from_numpy(pixel_values), torch.from_numpy(target)
 
 
-def defer_decoding(dataset, columns: Sequence[str] = ("image", "label")):
+def defer_decoding(dataset, columns: Optional[Sequence[str]] = ("image", "label")):
     """Cast image columns to `datasets.Image(decode=False)` so `SegmentationTransform` opens the files.
 
-    Then a corrupt file raises a `BadSampleError` naming it (or is skipped with `on_bad_sample="skip"`)
-    instead of failing inside `datasets`. Works on a `Dataset` or a `DatasetDict`; nothing is copied.
+    Rows then carry `{"path", "bytes"}` dicts and a corrupt file raises a `BadSampleError` naming it
+    (or is skipped with `on_bad_sample="skip"`) instead of failing inside `datasets`. Works on a
+    `Dataset` or a `DatasetDict`; nothing is copied. `columns=None` casts every `Image()` column.
+    Columns that are already lazy are left alone (then the same dataset object comes back).
     """
     import datasets
 
+    if isinstance(dataset, datasets.DatasetDict):
+        return datasets.DatasetDict({split: defer_decoding(ds, columns) for split, ds in dataset.items()})
+    features = dataset.features
+    if columns is None:
+        columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
     for column in columns:
+        if column not in features:
+            raise KeyError(f"the dataset has no column {column!r}; it has: {', '.join(features)}")
+        feature = features[column]
+        if isinstance(feature, datasets.Image) and not feature.decode:
+            continue
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset
 
@@ -363,6 +409,8 @@ __all__ = [
     "NORMALIZATIONS",
     "ON_BAD_SAMPLE",
     "SegmentationTransform",
+    "TooManyBadSamplesError",
+    "check_label",
     "decode_image",
     "defer_decoding",
     "denormalize",
