@@ -31,16 +31,23 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .data.builders import DATASETS
+from .data.checks import SPLIT_CHECKS
+from .data.transforms import NORMALIZATIONS, ON_BAD_SAMPLE
 from .fotf import FotfConfig
+from .losses import METHOD_TERMS
+from .models.factory import ARCHS
 
-ARCHS = ("deeplabv3", "pspnet", "segformer")
-METHODS = ("ce", "kd", "cirkd", "afdcd", "skd", "ifvd", "cwd")
-DATASETS = ("synthetic-streets", "camvid", "cityscapes", "voc", "hub")
-NORMALIZATIONS = ("imagenet", "cirkd_bgr")
-OPTIMIZERS = ("sgd", "adamw")
+# Choice lists live with the concept that owns them (imported above); a field names its list in
+# `metadata={"choices": ...}`, which `validate` checks and `_coerce` uses to read YAML's `no`/`off`.
+METHODS = tuple(METHOD_TERMS)
+OPTIMIZERS = ("sgd", "adamw")  # built by fotf_hf.training.build.build_optimizer
 # `auto` follows the hardware at the start of training: `fotf_hf.training.precision.resolve_mixed_precision`.
 PRECISIONS = ("no", "fp16", "bf16", "auto")
-BAD_SAMPLE_POLICIES = ("raise", "skip")
+
+
+def _choices(default: str, choices) -> Any:
+    return field(default=default, metadata={"choices": tuple(choices)})
 
 
 class ConfigError(ValueError):
@@ -59,7 +66,7 @@ class ModelConfig:
         overrides: extra model-config fields, e.g. `{backbone_base_width: 16}` for a narrow net.
     """
 
-    arch: str = "deeplabv3"
+    arch: str = _choices("deeplabv3", ARCHS)
     backbone: str = "resnet18"
     pretrained: Optional[str] = None
     mc_dropout_p: float = 0.1
@@ -82,11 +89,16 @@ class DataConfig:
         eval_size: `[h, w]` to resize validation images to, or None for full resolution.
         normalization: one of `NORMALIZATIONS` (`cirkd_bgr` for weights converted from CIRKD).
         num_workers: DataLoader workers per process.
-        on_bad_sample: what a corrupt/invalid training sample does: raise or skip with a warning.
+        on_bad_sample: what a corrupt/invalid training sample does: raise, or skip it with a warning
+            (a replacement sample keeps the batch full).
+        max_skip_fraction: with `skip`, the run stops once more than this fraction of the training
+            split's rows turned out bad.
+        check: how the evaluation splits are checked before training (`fotf_hf.data.scan_split`):
+            `quick` (headers, sizes, label ranges), `full` (also decodes every image) or `off`.
         max_eval_samples: evaluate on the first N validation samples only (None = all).
     """
 
-    name: str = "synthetic-streets"
+    name: str = _choices("synthetic-streets", DATASETS)
     root: Optional[str] = None
     options: Dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"
@@ -95,9 +107,11 @@ class DataConfig:
     scale_range: List[float] = field(default_factory=lambda: [0.5, 2.0])
     train_size: Optional[List[int]] = None
     eval_size: Optional[List[int]] = None
-    normalization: str = "imagenet"
+    normalization: str = _choices("imagenet", NORMALIZATIONS)
     num_workers: int = 0
-    on_bad_sample: str = "raise"
+    on_bad_sample: str = _choices("raise", ON_BAD_SAMPLE)
+    max_skip_fraction: float = 0.05
+    check: str = _choices("quick", SPLIT_CHECKS)
     max_eval_samples: Optional[int] = None
 
 
@@ -113,7 +127,7 @@ class MethodConfig:
         options: keyword arguments of the method's own loss modules, e.g. `{pixel_weight: 0.01}`.
     """
 
-    name: str = "ce"
+    name: str = _choices("ce", METHODS)
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
     aux_weight: float = 0.4
@@ -127,7 +141,7 @@ class OptimConfig:
     `batch_size` is per process; the global batch is `batch_size * processes * grad_accum_steps`.
     """
 
-    optimizer: str = "sgd"
+    optimizer: str = _choices("sgd", OPTIMIZERS)
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -144,13 +158,14 @@ class RunConfig:
 
     output_dir: str = "outputs/run"
     seed: int = 0
-    # `choices` lets an unquoted YAML `no` (read as False) reach this str field as "no" (see `_coerce`).
-    mixed_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    mixed_precision: str = _choices("auto", PRECISIONS)
     eval_every: int = 800
     save_every: int = 800
     log_every: int = 10
     keep_checkpoints: int = 2
     resume: Optional[str] = None
+    # A new run into a folder holding another run's files moves them aside (training/checkpoint.py).
+    overwrite: bool = False
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
     num_panels: int = 2
     eval_batch_size: int = 1
@@ -386,14 +401,14 @@ def _check(cond: bool, message: str) -> None:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Range- and choice-check every field; raise `ConfigError` naming the first bad one."""
+    for where, section in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)):
+        for f in dataclasses.fields(section) if section is not None else ():
+            if f.metadata.get("choices"):
+                _choice(getattr(section, f.name), f.metadata["choices"], f"{where}.{f.name}")
     models = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.teacher is not None else [])
     for name, model in models:
-        _choice(model.arch, ARCHS, f"{name}.arch")
         _check(0.0 <= model.mc_dropout_p < 1.0, f"{name}.mc_dropout_p = {model.mc_dropout_p} must be in [0, 1)")
     d = cfg.data
-    _choice(d.name, DATASETS, "data.name")
-    _choice(d.normalization, NORMALIZATIONS, "data.normalization")
-    _choice(d.on_bad_sample, BAD_SAMPLE_POLICIES, "data.on_bad_sample")
     _check(len(d.crop_size) == 2 and all(s >= 8 for s in d.crop_size), f"data.crop_size = {d.crop_size} must be [h, w], each >= 8")
     _check(
         len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1],
@@ -402,9 +417,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(d.train_size is None or (len(d.train_size) == 2 and min(d.train_size) >= 8), f"data.train_size = {d.train_size} must be null or [h, w]")
     _check(d.eval_size is None or (len(d.eval_size) == 2 and min(d.eval_size) >= 8), f"data.eval_size = {d.eval_size} must be null or [h, w]")
     _check(d.num_workers >= 0, f"data.num_workers = {d.num_workers} must be >= 0")
+    _check(0 <= d.max_skip_fraction <= 1, f"data.max_skip_fraction = {d.max_skip_fraction} must be in [0, 1]")
     _check(d.max_eval_samples is None or d.max_eval_samples >= 1, "data.max_eval_samples must be null or >= 1")
     mth = cfg.method
-    _choice(mth.name, METHODS, "method.name")
     _check(mth.kd_weight >= 0 and mth.aux_weight >= 0, "method.kd_weight and method.aux_weight must be >= 0")
     _check(mth.kd_temperature > 0, f"method.kd_temperature = {mth.kd_temperature} must be > 0")
     f = cfg.fotf
@@ -416,15 +431,13 @@ def validate(cfg: ExperimentConfig) -> None:
         if mth.name == "ce" and f.apply_to == "kd":
             raise ConfigError("fotf.apply_to = 'kd' with method.name = 'ce' weights nothing: use apply_to 'ce' (paper Table 2)")
     o = cfg.optim
-    _choice(o.optimizer, OPTIMIZERS, "optim.optimizer")
-    _check(o.lr > 0, f"optim.lr = {o.lr} must be > 0")
+    _check(0 < o.lr < float("inf"), f"optim.lr = {o.lr} must be a finite number > 0")
     _check(o.max_steps >= 1, f"optim.max_steps = {o.max_steps} must be >= 1")
     _check(o.batch_size >= 1, f"optim.batch_size = {o.batch_size} must be >= 1")
     _check(o.grad_accum_steps >= 1, f"optim.grad_accum_steps = {o.grad_accum_steps} must be >= 1")
     _check(o.weight_decay >= 0 and 0 <= o.momentum < 1, "optim.weight_decay must be >= 0 and optim.momentum in [0, 1)")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be null or > 0")
     r = cfg.run
-    _choice(r.mixed_precision, PRECISIONS, "run.mixed_precision")
     for key in ("eval_every", "save_every", "log_every"):
         _check(getattr(r, key) >= 1, f"run.{key} = {getattr(r, key)} must be >= 1")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
@@ -441,6 +454,18 @@ def validate(cfg: ExperimentConfig) -> None:
             )
     if cfg.hub.push_to_hub and not cfg.hub.repo_id:
         raise ConfigError("hub.push_to_hub is true but hub.repo_id is empty: set --hub.repo_id USER/NAME")
+
+
+def flatten_config(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists and scalars are leaves."""
+    flat: Dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

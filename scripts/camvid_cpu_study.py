@@ -120,7 +120,7 @@ def figures(methods, seed: int, num_images: int = 3) -> None:
     results/camvid_cpu/figures/<method>/."""
     from fotf_hf.config import load_config
     from fotf_hf.evaluation import load_student
-    from fotf_hf.training.loop import build_data
+    from fotf_hf.training.build import build_data
     from fotf_hf.viz import write_uncertainty_panels
 
     for method in methods:

@@ -14,7 +14,7 @@ import shlex
 import sys
 
 from fotf_hf.config import ConfigError, load_config
-from fotf_hf.training import train
+from fotf_hf.training import CheckpointError, NonFiniteLossError, train
 
 
 def main(argv=None) -> int:
@@ -40,6 +40,12 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:  # the message names the step, the cause and what was kept
+        print(f"training stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

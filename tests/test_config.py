@@ -1,5 +1,8 @@
 """Config loading, inheritance, overrides and validation messages."""
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -140,3 +143,20 @@ def test_new_defaults_are_the_literal_paper_readings_and_a_student_without_head_
     # DeepLabV3 keeps its ASPP dropout as an MC site: head dropout 0 is no longer refused up front
     # (a model without any active site fails when FOTF samples it; see tests/test_models.py).
     assert load_config(None, ["--fotf.enabled", "true", "--student.mc_dropout_p", "0"]).student.mc_dropout_p == 0.0
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "scripts" / "configs").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.parent.name != "base"], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads_and_its_weights_are_documented(path):
+    """Each shipped YAML validates; each `pretrained/...` folder a paper row expects is named in
+    README's "Paper setting" section with its conversion (the CamVid spelling stands for the others)."""
+    cfg = load_config(path)
+    readme = (path.parents[3] / "README.md").read_text()
+    section = readme.split("## Paper setting", 1)[1].split("\n## ", 1)[0]
+    for model in (cfg.student, cfg.teacher):
+        value = getattr(model, "pretrained", None) or ""
+        if value.startswith("pretrained/"):
+            camvid_name = re.sub(r"-(cityscapes|voc)$", "-camvid", value)
+            assert camvid_name in section, f"{path.name}: {value} is not in README's Paper setting"

@@ -15,7 +15,6 @@ from fotf_hf.hub import (
     HubUploadError,
     build_model_card,
     card_license,
-    default_template_path,
     push_to_hub,
     write_model_card,
 )

@@ -39,7 +39,7 @@ from .segformer import (
 )
 from .student import set_mc_dropout_p
 
-__all__ = ["create_model", "ARCHS", "RESNET_BACKBONES", "BACKBONES", "default_id2label", "list_models"]
+__all__ = ["create_model", "check_pretrained", "ARCHS", "RESNET_BACKBONES", "BACKBONES", "default_id2label", "list_models"]
 
 ARCHS = ("deeplabv3", "pspnet", "segformer")
 RESNET_BACKBONES = {"resnet18": 18, "resnet50": 50, "resnet101": 101}
@@ -124,6 +124,43 @@ def _check_overrides(arch: str, overrides: Dict[str, Any]) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             accepted = [v for v in valid if v not in _RESERVED]
             raise ValueError(f"unknown override {key!r} for arch {arch!r}; {hint}valid fields: {accepted}")
+
+
+PAPER_SETTING_DOC = "README.md, section \"Paper setting\""
+
+
+def check_pretrained(pretrained: Optional[str], role: str = "pretrained") -> None:
+    """Fail at once, with one message, when `pretrained` is neither a model folder here nor a Hub
+    model this machine can get: an existing folder needs a `config.json`; a Hub id must be in the
+    local cache when `HF_HUB_OFFLINE` is set, else one metadata request must succeed (no retries).
+
+    Raises:
+        FileNotFoundError: naming `role` (e.g. `student.pretrained`), the value, and where the
+            weights of the paper configs come from (`PAPER_SETTING_DOC`).
+    """
+    if pretrained is None:
+        return
+    path = Path(pretrained).expanduser()
+    where = (f"{role} = {pretrained!r}", f"see {PAPER_SETTING_DOC} for which weights each config expects and how to "
+             f"convert them, or train one with scripts/distill.py")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{where[0]} is a folder without config.json, not a saved model; {where[1]}")
+        return
+    if _looks_local(pretrained) or str(pretrained).count("/") != 1:
+        raise FileNotFoundError(f"{where[0]}: no such folder; {where[1]}")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{where[0]} is neither a local folder nor a Hub model in this machine's cache "
+                                f"(HF_HUB_OFFLINE is set); {where[1]}")
+    try:
+        HfApi().model_info(pretrained, timeout=10)
+    except Exception as err:  # no network, unknown repo, gated: all mean "cannot load it"
+        raise FileNotFoundError(f"{where[0]} is not a local folder and the Hub did not serve it "
+                                f"({type(err).__name__}); {where[1]}") from None
 
 
 def _looks_local(pretrained: str) -> bool:

@@ -6,7 +6,8 @@ Each line (written by the main process every `run.log_every` steps and at the la
      "fotf/weight_kd_mean": ..., "fotf/weight_kd_p99": ..., "fotf/weight_kd_max": ..., ...}
 
 `loss` is the sum of the loss terms (named as `StepOutput.terms`); `fotf/<stat>` are the
-`FotfResult.stats` (absent without FOTF). Every value is the mean over the micro-steps since the
+`FotfResult.stats` (absent without FOTF); `data/skipped` (with `data.on_bad_sample: skip`) is the
+number of training samples skipped so far in this session. Every value is the mean over the micro-steps since the
 previous line, except keys ending in `_max`, which hold the maximum over them. `lr` is the
 learning rate after the step's scheduler update (as `train/lr` in TensorBoard).
 

@@ -105,3 +105,29 @@ def resolve_mixed_precision(requested: str, device: torch.device | str,
                 "~10x slower than fp32 here; use run.mixed_precision auto or no", note,
             )
     return requested
+
+
+def cpu_simd_flags() -> list:
+    """The CPU's SIMD flags that decide fp32/bf16 speed (avx*, amx*, fma; from /proc/cpuinfo, [] elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(line for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(flag for flag in line.split(":", 1)[1].split() if flag.startswith(("avx", "amx", "fma")))
+
+
+def describe_host() -> str:
+    """One line for benchmark and demo reports: CPU model, cores, torch threads, SIMD flags, bf16."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    native, note = cpu_bf16_support()
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"flags {' '.join(cpu_simd_flags()) or 'unknown'}, bf16 {'native' if native else 'not native'} ({note})")
