@@ -148,3 +148,19 @@ def test_reader_skips_a_truncated_last_line_only(tmp_path):
     path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 0.4}\n')
     with pytest.raises(ValueError, match="line 1"):
         read_log_history(path)
+
+
+def test_tensorboard_gets_the_config_and_the_same_scalars(tmp_path, teacher_dir):
+    """With `report_to: [tensorboard]` (the default) the config goes in as hparams (lists and None
+    as text) and each logged value as a scalar at its step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(config(tmp_path, teacher_dir, "tb", report_to=["tensorboard"]))
+    events = next((tmp_path / "tb" / "logs").rglob("events.out.tfevents.*")).parent
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    lines = read_log_history(tmp_path / "tb" / LOG_HISTORY_FILE)
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [line["step"] for line in lines]
+    assert [e.value for e in loss] == pytest.approx([line["loss"] for line in lines], rel=1e-6)
+    assert "fotf/weight_kd_max" in acc.Tags()["scalars"]

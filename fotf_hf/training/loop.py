@@ -85,7 +85,10 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
         save_config(cfg, out_dir / "fotf_config.yaml")
         _start_log_history(out_dir / LOG_HISTORY_FILE, None if checkpoint is None else state.step)
         if cfg.run.report_to:
-            accelerator.init_trackers("fotf", config=flatten_config(cfg.to_dict()))
+            # TensorBoard's hparams take scalars only: lists and None go in as their text.
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                       for k, v in flatten_config(cfg.to_dict()).items()}
+            accelerator.init_trackers("fotf", config=hparams)
 
     batches = _batches(cfg, accelerator, train_loader, train_set, state.step)
     inner = lambda: accelerator.unwrap_model(module)  # noqa: E731
