@@ -53,6 +53,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from fotf_hf.training.precision import cpu_simd_flags  # noqa: E402
+
 PAIRS = {
     "deeplabv3-r18": (("deeplabv3", "resnet18"), ("deeplabv3", "resnet101")),
     "pspnet-r18": (("pspnet", "resnet18"), ("deeplabv3", "resnet101")),
@@ -124,17 +126,6 @@ def variants(samples, teacher_samples):
     out += [(mode, mode, t) for mode in MODES for t in samples]
     out += [(f"teacher_{mode}", mode, t) for mode in ("exact", "naive") for t in teacher_samples]
     return out
-
-
-def cpu_flags():
-    """The CPU's SIMD flags that decide fp32/bf16 speed (from /proc/cpuinfo; empty elsewhere)."""
-    info = Path("/proc/cpuinfo")
-    if not info.is_file():
-        return []
-    for line in info.read_text().splitlines():
-        if line.startswith("flags"):
-            return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
-    return []
 
 
 def batch(args, device):
@@ -284,7 +275,7 @@ def main(argv=None) -> int:
         "settings": {
             "device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__, "batch": args.batch, "size": args.size, "samples": args.samples,
-            "teacher_samples": args.teacher_samples, "cpu_flags": cpu_flags(), "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
+            "teacher_samples": args.teacher_samples, "cpu_flags": cpu_simd_flags(), "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
             "teachers": {n: "-".join(PAIRS[n][0] if args.quick else PAIRS[n][1]) for n in args.pairs},
             "fotf": {"p": "each site's own (DeepLabV3 ASPP 0.5 + head 0.1, others 0.1)", "kappa": 5.0,
                      "apply_to": "both", "merge_kd": "per_pixel", "merge_ce": "per_class"},

@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from fotf_hf.training.precision import describe_host  # noqa: E402
 
 
 def make_batches(num_batches: int, batch_size: int, num_classes: int, height: int, width: int, seed: int = 0):
@@ -94,16 +95,6 @@ def run_fp64_reference(batches, num_classes: int, bins: int = 10):
     return float(iou.nanmean()), float((correct - conf_sum).abs().sum() / count.sum())
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=20)
@@ -133,7 +124,7 @@ def main(argv=None) -> int:
     (our_miou, our_ece), (tm_miou, tm_ece) = results["ours"], results["torchmetrics"]
     ref_miou, ref_ece = run_fp64_reference(batches, args.num_classes)
     print(json.dumps({
-        "machine": machine(),
+        "machine": describe_host(),
         "ours_s": round(ours_s, 4),
         "torchmetrics_s": round(theirs_s, 4),
         "speedup": round(speedup, 2),

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from fotf_hf.data import SegmentationTransform, build_dataset, create_dataloader
     from fotf_hf.models import SegmentationStudent, create_model
     from fotf_hf.training import train
-    from fotf_hf.training.loop import SeededTransformDataset
+    from fotf_hf.data import SeededTransformDataset
 
     h, w = args.size
     data_opts = {"num_train": max(4 * args.batch, 16), "num_val": 2, "image_size": [h, w], "seed": 0}

@@ -36,11 +36,14 @@ def main(argv=None) -> int:
     from fotf_hf.data import create_dataloader
     from fotf_hf.evaluation import evaluate_model, load_student
     from fotf_hf.training import train
-    from fotf_hf.training.loop import build_data
+    from fotf_hf.training.build import build_data
+    from fotf_hf.training.precision import describe_host
 
     out = Path(args.output_dir)
     teacher_dir = out / "teacher"
     rows = []
+    demo_start = time.perf_counter()
+    print(f"host: {describe_host()}", flush=True)
     for name in ("teacher", "kd", "kd_fotf"):
         overrides = ["--run.output_dir", str(out / name)] + list(extra)
         if name != "teacher":
@@ -68,11 +71,14 @@ def main(argv=None) -> int:
           f"(after training: {trained['mean_iou']:.6f} / {trained['ece']:.6f}): {'same' if same else 'DIFFERENT'}")
 
     print("\n| model | mIoU (%) | ECE (%) | wall time (s) |\n| --- | --- | --- | --- |")
-    labels = {"teacher": "teacher (DeepLabV3-R18, CE)", "kd": "student, vanilla KD", "kd_fotf": "student, KD + FOTF"}
+    labels = {"teacher": "teacher (DeepLabV3-R18 half width, CE)", "kd": "student, vanilla KD", "kd_fotf": "student, KD + FOTF"}
     for name, metrics, wall in rows:
         print(f"| {labels[name]} | {100 * metrics['mean_iou']:.2f} | {100 * metrics['ece']:.2f} | {wall:.0f} |")
     summary = {name: {"mean_iou": m["mean_iou"], "ece": m["ece"], "wall_time_s": w} for name, m, w in rows}
     summary["reloaded_kd_fotf_mean_iou"] = again["mean_iou"]
+    summary["total_wall_time_s"] = time.perf_counter() - demo_start
+    summary["host"] = describe_host()
+    print(f"\ndemo wall time: {summary['total_wall_time_s'] / 60:.1f} min on {summary['host']}")
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nfolders, model cards and pictures: {out}/{{teacher,kd,kd_fotf}}; summary: {out / 'demo_summary.json'}")
     if not same:

@@ -23,7 +23,9 @@ def test_demo_trains_three_models_and_the_reloaded_student_reproduces_its_scores
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "): same" in proc.stdout  # AutoModelForSemanticSegmentation reload == the loop's evaluation
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
-    assert set(summary) == {"teacher", "kd", "kd_fotf", "reloaded_kd_fotf_mean_iou"}
+    assert set(summary) == {"teacher", "kd", "kd_fotf", "reloaded_kd_fotf_mean_iou", "total_wall_time_s", "host"}
+    assert summary["total_wall_time_s"] >= sum(summary[n]["wall_time_s"] for n in ("teacher", "kd", "kd_fotf"))
+    assert "demo wall time:" in proc.stdout and "flags" in summary["host"]
     assert summary["reloaded_kd_fotf_mean_iou"] == pytest.approx(summary["kd_fotf"]["mean_iou"], abs=1e-6)
     for name in ("teacher", "kd", "kd_fotf"):
         for file in ("model.safetensors", "config.json", "README.md", "reliability.png"):
