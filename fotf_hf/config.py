@@ -35,12 +35,11 @@ from .data.builders import DATASETS
 from .data.checks import SPLIT_CHECKS
 from .data.transforms import NORMALIZATIONS, ON_BAD_SAMPLE
 from .fotf import FotfConfig
-from .losses import METHOD_TERMS
+from .losses import get_method, method_names
 from .models.factory import ARCHS
 
 # Choice lists live with the concept that owns them (imported above); a field names its list in
 # `metadata={"choices": ...}`, which `validate` checks and `_coerce` uses to read YAML's `no`/`off`.
-METHODS = tuple(METHOD_TERMS)
 OPTIMIZERS = ("sgd", "adamw")  # built by fotf_hf.training.build.build_optimizer
 # `auto` follows the hardware at the start of training: `fotf_hf.training.precision.resolve_mixed_precision`.
 PRECISIONS = ("no", "fp16", "bf16", "auto")
@@ -48,6 +47,12 @@ PRECISIONS = ("no", "fp16", "bf16", "auto")
 
 def _choices(default: str, choices) -> Any:
     return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _choice_list(f: dataclasses.Field) -> tuple:
+    """A field's choices (a tuple, or a callable returning the current ones, e.g. the method registry)."""
+    choices = f.metadata.get("choices", ())
+    return tuple(choices() if callable(choices) else choices)
 
 
 class ConfigError(ValueError):
@@ -120,14 +125,16 @@ class MethodConfig:
     """The distillation method: which loss terms the criterion is built from.
 
     Args:
-        name: one of `METHODS`. `ce` = plain supervised training (no teacher).
+        name: a registered method (`fotf_hf.losses.method_names()`; `scripts/distill.py --help` lists
+            them). `ce` = plain supervised training (no teacher).
         kd_weight: weight of the pixel KD term (methods other than ce); CIRKD's `--lambda-kd`.
         kd_temperature: KD temperature (1 in CIRKD and FOTF).
         aux_weight: weight of the auxiliary-head CE (0.4).
         options: keyword arguments of the method's own loss modules, e.g. `{pixel_weight: 0.01}`.
     """
 
-    name: str = _choices("ce", METHODS)
+    # Registered methods, looked up when validating: a method module imported later counts too.
+    name: str = field(default="ce", metadata={"choices": method_names})
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
     aux_weight: float = 0.4
@@ -194,7 +201,7 @@ class ExperimentConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.method.name != "ce" or (self.fotf.enabled and self.fotf.source == "teacher")
+        return get_method(self.method.name).needs_teacher or (self.fotf.enabled and self.fotf.source == "teacher")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -326,7 +333,7 @@ def _build(cls, data: Any, where: str):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
     types_ = _field_types(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
-    choices = {f.name: f.metadata.get("choices", ()) for f in dataclasses.fields(cls)}
+    choices = {f.name: _choice_list(f) for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in types_:
@@ -404,7 +411,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for where, section in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)):
         for f in dataclasses.fields(section) if section is not None else ():
             if f.metadata.get("choices"):
-                _choice(getattr(section, f.name), f.metadata["choices"], f"{where}.{f.name}")
+                _choice(getattr(section, f.name), _choice_list(f), f"{where}.{f.name}")
     models = [("student", cfg.student)] + ([("teacher", cfg.teacher)] if cfg.teacher is not None else [])
     for name, model in models:
         _check(0.0 <= model.mc_dropout_p < 1.0, f"{name}.mc_dropout_p = {model.mc_dropout_p} must be in [0, 1)")

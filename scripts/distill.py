@@ -14,12 +14,14 @@ import shlex
 import sys
 
 from fotf_hf.config import ConfigError, load_config
+from fotf_hf.losses import methods_table
 from fotf_hf.training import CheckpointError, NonFiniteLossError, train
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="methods (method.name):\n" + methods_table())
     parser.add_argument("--config", help="experiment YAML (optional: defaults are the built-in demo)")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as --run.resume)")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the final folder (same as --hub.repo_id)")

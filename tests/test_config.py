@@ -55,7 +55,7 @@ def test_yaml_scientific_notation_string_is_coerced(tmp_path):
     [
         (["--fotf.kapa", "5"], "did you mean 'kappa'"),
         (["--methd.name", "kd"], "did you mean 'method'"),
-        (["--method.name", "kdd"], "choose one of: ce, kd, cirkd, afdcd, skd, ifvd, cwd"),
+        (["--method.name", "kdd"], "choose one of: ce, afdcd, cirkd, cwd, ifvd, kd, skd"),
         (["--fotf.enabled", "true", "--fotf.num_samples", "1"], "fotf.num_samples = 1 must be an integer >= 2"),
         (["--fotf.enabled", "true", "--fotf.kappa", "0"], "fotf.kappa = 0.0 must be a finite number > 0"),
         (["--fotf.enabled", "true", "--fotf.m", "-1"], "fotf.m = -1.0 must be a finite number > 0"),

@@ -425,3 +425,12 @@ def test_fotf_weights_do_not_change_feature_losses():
         a, b = loss(inputs, **kwargs), loss(weighted, **kwargs)
         for term in terms:
             assert a[term].item() == b[term].item()
+
+
+def test_readme_lists_exactly_the_registered_methods():
+    from pathlib import Path
+
+    from fotf_hf.losses import methods_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "\n".join("  " + line for line in methods_table().splitlines()) in readme

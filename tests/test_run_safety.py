@@ -159,7 +159,8 @@ def _choice_fields():
     for section in dataclasses.fields(defaults):
         value = getattr(defaults, section.name)
         for f in dataclasses.fields(value) if dataclasses.is_dataclass(value) else ():
-            for choice in f.metadata.get("choices", ()):
+            choices = f.metadata.get("choices", ())
+            for choice in choices() if callable(choices) else choices:
                 yield f"{section.name}.{f.name}", choice
 
 

@@ -253,3 +253,24 @@ def test_cli_reports_config_typos_without_traceback(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2
     assert "did you mean 'kappa'" in err and "Traceback" not in err
+
+
+def test_a_method_from_its_own_module_and_yaml_trains(tmp_path, teacher_dir):
+    """Adding a method = one module that registers it (tests/toy_method.py) + a YAML naming it."""
+    with pytest.raises(ConfigError, match="method.name = 'toy' is not valid"):
+        load_config(overrides=["--method.name", "toy"])
+    import toy_method  # noqa: F401  (registers `toy`)
+    from fotf_hf.losses import method_names
+
+    assert "toy" in method_names()
+    cfg = load_config(tiny_config(tmp_path, "toy", method={"name": "toy", "options": {"toy_l1": {"weight": 2.0}}},
+                                  teacher={**TINY_MODEL, "overrides": {"backbone_base_width": 16, "head_channels": 16},
+                                           "pretrained": str(teacher_dir)},
+                                  optim={"max_steps": 2}, run={"num_panels": 0}))
+    assert cfg.needs_teacher
+    result = train(cfg)
+    from fotf_hf.training import read_log_history
+
+    log = read_log_history(tmp_path / "toy" / "log_history.jsonl")
+    assert result["steps"] == 2 and {"ce", "kd", "toy_l1"} <= set(log[-1])
+    assert log[-1]["loss"] == pytest.approx(log[-1]["ce"] + log[-1]["kd"] + log[-1]["toy_l1"], rel=1e-6)

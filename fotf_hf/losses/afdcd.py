@@ -52,6 +52,7 @@ from torch import nn
 
 from ._feature_utils import fp32_off_autocast, require_field, student_teacher_pair
 from .base import LossInputs
+from .registry import TermContext, register_method, register_term
 
 __all__ = ["AFDCD_DATASET_WEIGHTS", "FIT_MODES", "fit_to_patches", "omni_contrastive_loss", "AfDCDLoss"]
 
@@ -263,3 +264,17 @@ class AfDCDLoss(nn.Module):
             f"fd_weight={self.fd_weight}, contrast_weight={self.contrast_weight}, "
             f"pool={self.pool}, fit={self.fit!r}"
         )
+
+
+@register_term("afdcd")
+def _afdcd_term(ctx: TermContext, **kwargs) -> AfDCDLoss:
+    if ctx.student.get("backbone") is None or ctx.teacher.get("backbone") is None:
+        raise ValueError("Af-DCD distils the last backbone stage; the student or teacher model exposes none")
+    defaults = dict(AFDCD_DATASET_WEIGHTS.get(ctx.dataset, {}))
+    if ctx.dataset == "camvid":
+        # Af-DCD's CamVid weights were tuned for its unpooled 44x44-crop branch; keep that branch.
+        defaults["pool"] = None
+    return AfDCDLoss(ctx.student["backbone"], ctx.teacher["backbone"], **{**defaults, **kwargs})
+
+
+register_method("afdcd", ("ce", "kd", "afdcd"), summary="+ masked feature mimicking + omni contrast")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LossInputs
+from .registry import TermContext, register_method, register_term
 from .kd import check_weights_shape
 
 __all__ = ["ce_loss", "CELoss", "check_labels"]
@@ -121,3 +122,11 @@ class CELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"aux_weight={self.aux_weight}, ignore_index={self.ignore_index}"
+
+
+@register_term("ce")
+def _ce_term(ctx: TermContext, **kwargs) -> CELoss:
+    return CELoss(**{"aux_weight": ctx.method.aux_weight, **kwargs})
+
+
+register_method("ce", ("ce",), needs_teacher=False, summary="baseline: CE + 0.4 aux CE")

@@ -81,6 +81,7 @@ from torch import nn
 
 from ._feature_utils import fp32_off_autocast, require_field, resize_labels_nearest, student_teacher_pair
 from .base import LossInputs
+from .registry import TermContext, register_method, register_term
 from .ce import check_labels
 from .distributed import gather_across_processes
 
@@ -366,3 +367,20 @@ class CIRKDMemoryLoss(nn.Module):
             f"region_samples_per_class={self.region_samples_per_class}, pixel_weight={self.pixel_weight}, "
             f"region_weight={self.region_weight}, legacy_enqueue={self.legacy_enqueue}"
         )
+
+
+@register_term("cirkd_pair")
+def _cirkd_pair_term(ctx: TermContext, **kwargs) -> CIRKDPairLoss:
+    return CIRKDPairLoss(**kwargs)
+
+
+@register_term("cirkd_memory")
+def _cirkd_memory_term(ctx: TermContext, **kwargs) -> CIRKDMemoryLoss:
+    # CIRKD's VOC scripts lower the memory weights to 0.01 (author, CIRKD issue #8).
+    weight = 0.01 if ctx.dataset == "voc" else 0.1
+    defaults = dict(pixel_weight=weight, region_weight=weight)
+    return CIRKDMemoryLoss(ctx.student["embedding"], ctx.teacher["embedding"], ctx.num_labels, **{**defaults, **kwargs})
+
+
+register_method("cirkd", ("ce", "kd", "cirkd_pair", "cirkd_memory"),
+                summary="+ mini-batch pixel pairs + pixel/region memory contrast")

@@ -25,6 +25,7 @@ from torch import nn
 
 from ._feature_utils import fp32_off_autocast, require_field, student_teacher_pair
 from .base import LossInputs
+from .registry import TermContext, register_method, register_term
 
 __all__ = ["CWD_TARGETS", "channel_wise_kl", "CWDLoss"]
 
@@ -128,3 +129,16 @@ class CWDLoss(nn.Module):
             f"teacher_channels={self.teacher_channels}, "
             f"temperature={self.temperature}, weight={self.weight}"
         )
+
+
+@register_term("cwd_feat")
+def _cwd_feat_term(ctx: TermContext, **kwargs) -> CWDLoss:
+    return CWDLoss(ctx.student["embedding"], ctx.teacher["embedding"], **{"weight": 50.0, "on": "embedding", **kwargs})
+
+
+@register_term("cwd_logits")
+def _cwd_logits_term(ctx: TermContext, **kwargs) -> CWDLoss:
+    return CWDLoss(ctx.num_labels, ctx.num_labels, **{"weight": 3.0, "on": "logits", **kwargs})
+
+
+register_method("cwd", ("ce", "kd", "cwd_feat", "cwd_logits"), summary="+ channel-wise distillation (comparison baseline)")

@@ -24,6 +24,7 @@ from torch import nn
 
 from ._feature_utils import fp32_off_autocast, require_field, resize_labels_nearest, student_teacher_pair
 from .base import LossInputs
+from .registry import TermContext, register_method, register_term
 from .ce import check_labels
 
 __all__ = ["prototype_cosine", "IFVDLoss"]
@@ -98,3 +99,11 @@ class IFVDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, weight={self.weight}, ignore_index={self.ignore_index}"
+
+
+@register_term("ifvd")
+def _ifvd_term(ctx: TermContext, **kwargs) -> IFVDLoss:
+    return IFVDLoss(ctx.num_labels, **kwargs)
+
+
+register_method("ifvd", ("ce", "kd", "ifvd"), summary="+ intra-class feature variation (comparison baseline)")

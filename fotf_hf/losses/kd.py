@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LossInputs
+from .registry import TermContext, register_method, register_term
 
 __all__ = ["kd_loss", "KDLoss", "check_weights_shape"]
 
@@ -119,3 +120,11 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, temperature={self.temperature}"
+
+
+@register_term("kd")
+def _kd_term(ctx: TermContext, **kwargs) -> KDLoss:
+    return KDLoss(**{"weight": ctx.method.kd_weight, "temperature": ctx.method.kd_temperature, **kwargs})
+
+
+register_method("kd", ("ce", "kd"), summary="+ pixel KL")

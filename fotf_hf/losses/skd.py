@@ -26,6 +26,7 @@ from torch import nn
 
 from ._feature_utils import fp32_off_autocast, require_field, student_teacher_pair
 from .base import LossInputs
+from .registry import TermContext, register_method, register_term
 
 __all__ = ["pairwise_similarity_mse", "SKDPairwiseLoss"]
 
@@ -82,3 +83,12 @@ class SKDPairwiseLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, pool={self.pool}"
+
+
+@register_term("skd")
+def _skd_term(ctx: TermContext, **kwargs) -> SKDPairwiseLoss:
+    return SKDPairwiseLoss(**kwargs)
+
+
+# The comparison baselines are CE + KD + method, as the CIRKD scripts run them.
+register_method("skd", ("ce", "kd", "skd"), summary="+ pairwise similarity (paper's comparison baseline)")
