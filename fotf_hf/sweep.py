@@ -2,23 +2,25 @@
 
 `run_sweep` trains one run per grid point (in this process, or as separate `accelerate launch`
 jobs), skips runs whose `metrics.json` already exists (so an interrupted sweep resumes), and
-`collect_results` writes one CSV and a Markdown table with per-run and aggregated (mean +- std
-over seeds) mIoU and ECE.
+`collect_results` writes one CSV and the Markdown tables of `fotf_hf.report` (per run, and mean
++- std over seeds per kappa/m).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
-import json
-import math
 import shlex
-import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
+
+from .config import load_config
+from .report import load_run, markdown_tables, summarize
+from .training import train
 
 PAPER_KAPPAS = tuple(range(1, 11))
 PAPER_MS = (1.0, 3.0, 10.0)
@@ -70,9 +72,6 @@ def run_sweep(
         launcher: None to train in this process, one after the other; otherwise the command that
             starts `scripts/distill.py`, e.g. `["accelerate", "launch", "--config_file", "x.yaml"]`.
     """
-    from .config import load_config
-    from .training import train
-
     output_root = Path(output_root)
     folders = []
     for point in points:
@@ -93,65 +92,25 @@ def run_sweep(
     return folders
 
 
-def _mean_std(values: List[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def collect_results(folders: Iterable[str | Path], csv_path: str | Path, markdown_path: str | Path) -> Dict[str, dict]:
-    """Read `metrics.json` and `fotf_config.yaml` of each run; write a CSV and a Markdown table.
+    """Read each finished run (`fotf_hf.report.load_run`); write a CSV (one row per run) and the
+    Markdown tables of `fotf_hf.report.markdown_tables` (one aggregation for sweeps and studies).
 
-    Returns `{"(kappa, m)": {"mean_iou": (mean, std), "ece": (mean, std), "n": seeds}}`.
+    Returns `fotf_hf.report.summarize` of the runs: `{label: {n, seeds, mean_iou: (mean, std), ...}}`
+    with fractions, std NaN for a single run; labels name kappa and m.
     """
-    import yaml
-
-    rows = []
-    for folder in map(Path, folders):
-        metrics_file = folder / "metrics.json"
-        if not metrics_file.is_file():
-            continue
-        metrics = json.loads(metrics_file.read_text())
-        cfg = yaml.safe_load((folder / "fotf_config.yaml").read_text())
-        rows.append({
-            "run": folder.name,
-            "kappa": cfg["fotf"]["kappa"],
-            "m": cfg["fotf"]["m"],
-            "seed": cfg["run"]["seed"],
-            "mean_iou": metrics["final"]["mean_iou"],
-            "ece": metrics["final"]["ece"],
-            "best_mean_iou": metrics["best_mean_iou"],
-            "wall_time_s": metrics["wall_time_s"],
-        })
+    runs = [r for r in map(load_run, folders) if r is not None]
     csv_path, markdown_path = Path(csv_path), Path(markdown_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["run"])
-        writer.writeheader()
-        writer.writerows(rows)
-    groups: Dict[tuple, List[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["kappa"], row["m"]), []).append(row)
-    summary = {}
-    lines = [
-        "| kappa | m | seeds | mIoU (%) mean +- std | ECE (%) mean +- std |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for (kappa, m), group in sorted(groups.items()):
-        miou = _mean_std([100 * r["mean_iou"] for r in group])
-        ece = _mean_std([100 * r["ece"] for r in group])
-        summary[f"({kappa:g}, {m:g})"] = {"mean_iou": miou, "ece": ece, "n": len(group)}
-        lines.append(f"| {kappa:g} | {m:g} | {len(group)} | {miou[0]:.2f} +- {miou[1]:.2f} | {ece[0]:.2f} +- {ece[1]:.2f} |")
-    lines += ["", "| run | mIoU (%) | ECE (%) | wall (s) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['run']} | {100 * r['mean_iou']:.2f} | {100 * r['ece']:.2f} | {r['wall_time_s']:.0f} |" for r in rows]
-    markdown_path.write_text("\n".join(lines) + "\n")
-    return summary
+        writer = csv.writer(f)
+        writer.writerow(["run", "label", "seed", "mean_iou", "ece", "wall_time_s", "metrics_from"])
+        writer.writerows([[r.folder.name, r.label, r.seed, r.mean_iou, r.ece, r.wall_time_s, r.source] for r in runs])
+    markdown_path.write_text(markdown_tables(runs) if runs else "no finished runs\n")
+    return summarize(runs)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="FOTF kappa/m grid sweep (paper 4.1).")
     parser.add_argument("--config", required=True, help="base experiment YAML")
     parser.add_argument("--kappa", type=float, nargs="+", default=list(PAPER_KAPPAS))

@@ -1,6 +1,7 @@
 """Sweep grid construction and result aggregation (against hand-computed mean/std)."""
 
 import json
+import math
 
 import pytest
 import yaml
@@ -27,9 +28,11 @@ def test_overrides_enable_fotf_with_the_point_values(tmp_path):
 def _fake_run(root, kappa, m, seed, miou, ece):
     folder = root / f"kappa{kappa}_m{m}_seed{seed}"
     folder.mkdir()
+    final = {"mean_iou": miou, "ece": ece, "pixel_accuracy": 0.9, "per_class_iou": [miou]}
     (folder / "metrics.json").write_text(json.dumps(
-        {"final": {"mean_iou": miou, "ece": ece}, "best_mean_iou": miou, "wall_time_s": 10.0}))
-    (folder / "fotf_config.yaml").write_text(yaml.safe_dump({"fotf": {"kappa": kappa, "m": m}, "run": {"seed": seed}}))
+        {"final": final, "best_mean_iou": miou, "wall_time_s": 10.0, "steps": 100}))
+    (folder / "fotf_config.yaml").write_text(yaml.safe_dump(
+        {"method": {"name": "kd"}, "fotf": {"enabled": True, "kappa": kappa, "m": m}, "run": {"seed": seed}}))
     return folder
 
 
@@ -42,9 +45,10 @@ def test_collect_results_aggregates_mean_and_sample_std(tmp_path):
     ]
     folders.append(tmp_path / "missing")  # a run that never finished is left out, not an error
     summary = collect_results(folders, tmp_path / "s.csv", tmp_path / "s.md")
-    mean, std = summary["(1, 1)"]["mean_iou"]
-    assert mean == pytest.approx(54.0) and std == pytest.approx(4.0)  # stdev of 50, 54, 58
-    assert summary["(5, 1)"]["mean_iou"] == (pytest.approx(60.0), 0.0)
-    assert summary["(1, 1)"]["n"] == 3
+    mean, std = summary["kd + FOTF (kappa 1, m 1)"]["mean_iou"]
+    assert mean == pytest.approx(0.54) and std == pytest.approx(0.04)  # stdev of 0.50, 0.54, 0.58
+    one_seed = summary["kd + FOTF (kappa 5, m 1)"]["mean_iou"]
+    assert one_seed[0] == pytest.approx(0.60) and math.isnan(one_seed[1])  # one run: no spread, not 0
+    assert summary["kd + FOTF (kappa 1, m 1)"]["n"] == 3
     assert len((tmp_path / "s.csv").read_text().strip().splitlines()) == 5
-    assert "| 1 | 1 | 3 | 54.00 +- 4.00 | 5.00 +- 1.00 |" in (tmp_path / "s.md").read_text()
+    assert "| kd + FOTF (kappa 1, m 1) | 3 (0, 1, 2) | 54.00 +- 4.00 | 5.00 +- 1.00 | 0.2 |" in (tmp_path / "s.md").read_text()
