@@ -6,6 +6,7 @@ evaluation of the same weights; non-finite loss and bad configs fail clearly and
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -101,6 +102,17 @@ def test_every_method_trains_and_logs_its_terms(tmp_path, teacher_dir, method, f
     result = train(cfg)
     assert result["steps"] == 2
     assert all(torch.isfinite(torch.tensor(v)) for k, v in result["final"].items() if isinstance(v, float))
+    # The log names the method's own terms (what the paper's tables add up), finite, summing to the loss.
+    from fotf_hf.training import read_log_history
+
+    expected = {"ce": {"ce"}, "kd": {"ce", "kd"}, "cirkd": {"ce", "kd", "cirkd_pair", "cirkd_pixel", "cirkd_region"},
+                "afdcd": {"ce", "kd", "afdcd_fd", "afdcd_contrast"}, "skd": {"ce", "kd", "skd_pairwise"},
+                "ifvd": {"ce", "kd", "ifvd"}, "cwd": {"ce", "kd", "cwd_feat", "cwd_logits"}}[method]
+    for line in read_log_history(tmp_path / method / "log_history.jsonl"):
+        terms = {k for k in line if "/" not in k} - {"step", "lr", "loss"}
+        assert terms >= expected and all(math.isfinite(line[t]) for t in terms), (terms, expected)
+        assert line["loss"] == pytest.approx(sum(line[t] for t in terms), rel=1e-6)
+        assert any(k.startswith("fotf/") for k in line) == bool(fotf.get("enabled"))
 
 
 def test_resumed_run_reports_the_wall_time_of_every_session(tmp_path):
