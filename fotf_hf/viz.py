@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .data import denormalize  # noqa: E402
+from .data import denormalize, pascal_palette  # noqa: E402
 from .fotf import FOTF, FotfConfig, FotfResult  # noqa: E402
 from .models import eval_mode, module_device  # noqa: E402
 
@@ -49,8 +49,6 @@ def palette_for(num_classes: int, info=None) -> np.ndarray:
     """`(C, 3)` uint8 class colours: the dataset's (`DatasetInfo.palette`) or the generated Pascal VOC map."""
     if info is not None and getattr(info, "palette", None) is not None and len(info.palette) == num_classes:
         return np.asarray(info.palette, dtype=np.uint8)
-    from .data import pascal_palette
-
     return pascal_palette(num_classes)
 
 
@@ -347,7 +345,7 @@ def tsne_figure(
     Returns:
         `path`.
     """
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # optional dependency (the `tsne` extra): imported only here
 
     items = list(students.items()) if isinstance(students, Mapping) else list(students)
     if not items:

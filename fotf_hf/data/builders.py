@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import datasets
 import numpy as np
 
 from .info import (
@@ -44,8 +45,6 @@ def _examples(items: Sequence[str]) -> str:
 def _paths_dataset(images: Sequence[str], labels: Sequence[str], label_map: Optional[str] = None,
                    split: Optional[str] = None):
     """A lazy `Dataset` over image/label paths (`Image(decode=False)`; plus the `label_map` column when needed)."""
-    import datasets
-
     columns = {"image": list(images), "label": list(labels)}
     features = {"image": datasets.Image(decode=False), "label": datasets.Image(decode=False)}
     if label_map:
@@ -120,15 +119,13 @@ def _read_list(path: Path) -> List[List[str]]:
 CAMVID_LAYOUT = "train/ trainannot/ val/ valannot/ [test/ testannot/] + optional train.txt val.txt test.txt"
 
 
-def build_camvid(root) -> Tuple["DatasetDict", DatasetInfo]:  # noqa: F821
+def build_camvid(root) -> Tuple[datasets.DatasetDict, DatasetInfo]:
     """CamVid in the SegNet layout: 11 classes, label 11 (void) -> 255.
 
     List files (`train/X.png trainannot/X.png` per line; only the last two path components of each
     entry are used, so SegNet's `/SegNet/CamVid/...` prefixes work) define the splits; without one,
     the images of `{split}/` are matched by name to `{split}annot/`. The test split is optional.
     """
-    import datasets
-
     root = _check_root(root, "camvid", ["train", "trainannot", "val", "valannot"], CAMVID_LAYOUT)
     label_map = make_label_map({11: IGNORE_INDEX})
     splits = {}
@@ -164,11 +161,9 @@ def build_camvid(root) -> Tuple["DatasetDict", DatasetInfo]:  # noqa: F821
 CITYSCAPES_LAYOUT = "leftImg8bit/{train,val[,test]}/CITY/*_leftImg8bit.png + gtFine/{train,val[,test]}/CITY/*_gtFine_labelIds.png"
 
 
-def build_cityscapes(root) -> Tuple["DatasetDict", DatasetInfo]:  # noqa: F821
+def build_cityscapes(root) -> Tuple[datasets.DatasetDict, DatasetInfo]:
     """Cityscapes (official layout, fine annotations): label ids -> the 19 train ids of
     `cityscapesscripts.helpers.labels`; every other id (trainId 255 / -1, ignoreInEval) -> 255."""
-    import datasets
-
     root = _check_root(
         root, "cityscapes", ["leftImg8bit/train", "leftImg8bit/val", "gtFine/train", "gtFine/val"], CITYSCAPES_LAYOUT
     )
@@ -210,7 +205,7 @@ def _find_list(root: Path, given: Union[str, os.PathLike], name: str) -> Path:
     )
 
 
-def build_voc(root, train_list: str = "train_aug", val_list: str = "val") -> Tuple["DatasetDict", DatasetInfo]:  # noqa: F821
+def build_voc(root, train_list: str = "train_aug", val_list: str = "val") -> Tuple[datasets.DatasetDict, DatasetInfo]:
     """Pascal VOC 2012 with the SBD augmented training set: 21 classes, 255 already the ignore value.
 
     List lines are either a name (`2007_000032`: image `JPEGImages/NAME.jpg`, label
@@ -218,8 +213,6 @@ def build_voc(root, train_list: str = "train_aug", val_list: str = "val") -> Tup
     falling back to the other folder) or an `/JPEGImages/x.jpg /SegmentationClassAug/x.png` pair.
     Palette PNGs decode to their indices (no colour conversion).
     """
-    import datasets
-
     root = _check_root(root, "voc", ["JPEGImages"], VOC_LAYOUT)
     label_dirs = [d for d in ("SegmentationClassAug", "SegmentationClass") if (root / d).is_dir()]
     if not label_dirs:
@@ -272,7 +265,7 @@ def build_hub(
     palette: Optional[Sequence[Sequence[int]]] = None,
     dataset_name: Optional[str] = None,
     root=None,
-) -> Tuple["DatasetDict", DatasetInfo]:  # noqa: F821
+) -> Tuple[datasets.DatasetDict, DatasetInfo]:
     """Any dataset `datasets.load_dataset` (or `load_from_disk`) can open, as image/label columns.
 
     Args:
@@ -288,8 +281,6 @@ def build_hub(
         val_fraction: carve a validation split out of `train` when the dataset has none.
         dataset_name: name recorded in `DatasetInfo` (default: `path`).
     """
-    import datasets
-
     path = path if path is not None else (str(root) if root is not None else None)
     if path is None:
         raise ValueError("dataset 'hub' needs path=<Hub id, builder name or local folder> (or root=)")
@@ -379,7 +370,7 @@ BUILDERS: Dict[str, Callable] = {
 DATASETS = tuple(BUILDERS)
 
 
-def build_dataset(name: str, root=None, **options) -> Tuple["DatasetDict", DatasetInfo]:  # noqa: F821
+def build_dataset(name: str, root=None, **options) -> Tuple[datasets.DatasetDict, DatasetInfo]:
     """Build a segmentation dataset.
 
     Args:

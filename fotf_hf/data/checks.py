@@ -22,6 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import datasets
 from PIL import Image
 
 from .info import LABEL_MAP_COLUMN
@@ -153,8 +154,6 @@ def scan_split(
             row's index and files and says what is wrong (truncated/undecodable file, image/label
             size mismatch, non-single-channel label, label values out of range after the label map).
     """
-    import datasets
-
     split = split_name or (None if getattr(dataset, "split", None) is None else str(dataset.split)) or "?"
     where = f"split {split!r} of {info.name!r}"
     n = len(dataset)

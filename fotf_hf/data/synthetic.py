@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import datasets
 import numpy as np
 from PIL import Image
 
@@ -335,8 +336,6 @@ def build_synthetic_streets(
         `(DatasetDict, DatasetInfo)`; lazy columns `image`, `label` (`datasets.Image(decode=False)`:
         rows hold `{"path", "bytes"}`, `SegmentationTransform` decodes them).
     """
-    import datasets
-
     if len(image_size) != 2 or min(int(s) for s in image_size) < 32:
         raise ValueError(f"image_size must be (H, W) with both >= 32, got {tuple(image_size)}")
     counts = {"train": num_train, "validation": num_val, "test": num_test}

@@ -19,6 +19,7 @@ import logging
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -384,8 +385,6 @@ def defer_decoding(dataset, columns: Optional[Sequence[str]] = ("image", "label"
     `Dataset` or a `DatasetDict`; nothing is copied. `columns=None` casts every `Image()` column.
     Columns that are already lazy are left alone (then the same dataset object comes back).
     """
-    import datasets
-
     if isinstance(dataset, datasets.DatasetDict):
         return datasets.DatasetDict({split: defer_decoding(ds, columns) for split, ds in dataset.items()})
     features = dataset.features

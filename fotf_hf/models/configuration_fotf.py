@@ -139,7 +139,7 @@ class FotfSegmentationConfig(PretrainedConfig):
     @property
     def backbone_channels(self):
         """Channels of `layer1..layer4` (R18: 64, 128, 256, 512; R101: 256 .. 2048)."""
-        from .resnet import resnet_stage_channels
+        from .resnet import resnet_stage_channels  # here, not at the top: a config must load without torch
 
         return resnet_stage_channels(self.backbone_depth, self.backbone_base_width)
 

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from transformers import (
     AutoModelForSemanticSegmentation,
     PreTrainedConfig,
@@ -149,8 +150,6 @@ def check_pretrained(pretrained: Optional[str], role: str = "pretrained") -> Non
         return
     if _looks_local(pretrained) or str(pretrained).count("/") != 1:
         raise FileNotFoundError(f"{where[0]}: no such folder; {where[1]}")
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-
     if isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
         return
     if constants.HF_HUB_OFFLINE:

@@ -7,6 +7,8 @@ AMD EPYC) oneDNN converts every op and a training step runs ~10x slower than in 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -34,8 +36,6 @@ def _cpu_capabilities() -> Dict[str, Any]:
     get = getattr(torch.cpu, "get_capabilities", None)
     if get is not None:
         return dict(get())
-    import platform
-
     caps: Dict[str, Any] = {"architecture": platform.machine().lower()}
     for key, name in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
         probe = getattr(torch.cpu, name, None)
@@ -119,9 +119,6 @@ def cpu_simd_flags() -> list:
 
 def describe_host() -> str:
     """One line for benchmark and demo reports: CPU model, cores, torch threads, SIMD flags, bf16."""
-    import os
-    import platform
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
