@@ -229,3 +229,19 @@ def test_skip_trains_on_with_full_batches_and_logs_the_count(tmp_path):
     assert train(cfg)["steps"] == 4  # two epochs over 8 samples: the bad one is met twice
     log = read_log_history(tmp_path / "run" / "log_history.jsonl")
     assert log[-1]["data/skipped"] == 2 and log[0]["data/skipped"] in (0, 1)
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_published_on_resume(tmp_path):
+    """The last checkpoint was written but the final folder was not (killed in between): resuming
+    evaluates and publishes it, with real metrics (not an empty `final`)."""
+    import shutil
+
+    path = tiny_config(tmp_path, "run", optim={"max_steps": 2}, run={"num_panels": 0})
+    first = train(load_config(path))
+    out = tmp_path / "run"
+    for name in ("model.safetensors", "config.json", "metrics.json", "README.md"):
+        (out / name).unlink()
+    shutil.rmtree(out / "best")
+    again = train(load_config(path, ["--run.resume", "latest"]))
+    assert again["final"]["mean_iou"] == pytest.approx(first["final"]["mean_iou"], abs=1e-6)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2 and (out / "model.safetensors").is_file()

@@ -135,6 +135,8 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
             metrics = _evaluate(cfg, accelerator, inner(), eval_loader, eval_set, info, state)
             module.train()
     progress.close()
+    if not metrics:  # resumed from the last checkpoint of a run killed before it was published
+        metrics = _evaluate(cfg, accelerator, inner(), eval_loader, eval_set, info, state)
 
     result = finish(cfg, accelerator, inner().student, teacher, metrics, state, info,
                     wall_before + time.perf_counter() - start)
