@@ -87,8 +87,12 @@ def score(folder: Path, camvid_root: str, dry_run: bool) -> None:
         run([sys.executable, "scripts/evaluate.py", "--model", str(folder), "--dataset", "camvid", "--root", camvid_root,
              "--split", split, "--eval_size", *map(str, EVAL_SIZE), "--batch_size", "4"],
             RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log", dry_run)
-    if dry_run:
-        return
+    if not dry_run:
+        keep(folder)
+
+
+def keep(folder: Path) -> None:
+    """Copy a run's small artefacts (never weights or checkpoints) to results/camvid_v2/<run>/."""
     dst = REPO / RESULTS / folder.relative_to(OUT)
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.json", "fotf_config.yaml", "README.md", "reliability.png", "log_history.jsonl"):
@@ -163,6 +167,8 @@ def main(argv=None) -> int:
     root = ["--data.root", args.camvid_root]
     start = time.time()
     train("pretrain.yaml", OUT / "pretrain_r18", [], args.dry_run)
+    if not args.dry_run:
+        keep(OUT / "pretrain_r18")
     if "init" in stages:
         build_init(args.dry_run)
     if "teacher" in stages:
