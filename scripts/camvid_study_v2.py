@@ -7,17 +7,21 @@ Stages (each resumable: a finished run is skipped, an interrupted one resumes fr
 
 1. `pretrain`: DeepLabV3-R18 trained with CE on generated synthetic-streets (no CamVid image), a
    stand-in for the paper's ImageNet backbone.
-2. `init`: `outputs/camvid_v2/init_r18`, the one starting point of every CamVid model: the
+2. `init`: `results/camvid_v2/init_r18`, the one starting point of every CamVid model: the
    pretrained backbone plus CamVid heads drawn from a fixed seed (`INIT_SEED`). Seeds then vary only
    data order, augmentation and dropout masks.
-3. `teacher`: DeepLabV3-R18 from that init, CE, 3x the students' steps; scored on val and test.
+3. `teacher`: DeepLabV3-R18 from that init, CE, 3x the students' steps; scored on val and test; its
+   weights are copied to `results/camvid_v2/teacher/`.
 4. `pilot`: KD students with seeds 0..2, scored on val and test; `results/camvid_v2/pilot.md` gets
    their seed spread and the number of seed pairs needed to see a 1-point mIoU effect (80% power,
    two-sided 5%), `fotf_hf.report.pairs_needed`.
 
 Every command run is appended to `results/camvid_v2/commands.sh`, each run's output to
 `results/camvid_v2/logs/`, and each run's small artefacts (metrics.json, resolved config, card,
-reliability diagram) are copied to `results/camvid_v2/<run>/`. Weights stay under outputs/camvid_v2/.
+reliability diagram) are copied to `results/camvid_v2/<run>/`. Weights stay under outputs/camvid_v2/,
+except those of the two shared starting points (init and teacher, 54 MB each), which are kept in
+`results/camvid_v2/` and committed: the study spans sessions on fresh machines where `outputs/` is
+gone, and every later run starts from exactly these weights.
 """
 
 import argparse
@@ -34,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path("scripts/configs/camvid_v2")
 OUT = Path("outputs/camvid_v2")
 RESULTS = Path("results/camvid_v2")
-INIT = OUT / "init_r18"
+INIT = RESULTS / "init_r18"
+SHARED_WEIGHTS = ("config.json", "model.safetensors")  # what from_pretrained reads
 INIT_SEED = 20261201
 SPLITS = {"validation": "val", "test": "test"}
 EVAL_SIZE = (180, 240)
@@ -58,9 +63,18 @@ def run(cmd, log: Path, dry_run: bool) -> None:
         subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
+def kept(folder: Path) -> Path:
+    """Where `keep` copies the small artefacts of the run in `folder` (under outputs/camvid_v2/)."""
+    return RESULTS / folder.relative_to(OUT)
+
+
 def evaluations(folder: Path) -> dict:
-    metrics = REPO / folder / "metrics.json"
-    return json.loads(metrics.read_text()).get("evaluations", {}) if metrics.is_file() else {}
+    """The run's scores: from its output folder, else from its kept copy (a previous session's)."""
+    for where in (folder, kept(folder)):
+        metrics = REPO / where / "metrics.json"
+        if metrics.is_file():
+            return json.loads(metrics.read_text()).get("evaluations", {})
+    return {}
 
 
 def eval_key(split: str) -> str:
@@ -71,16 +85,20 @@ def eval_key(split: str) -> str:
 
 def train(config: str, folder: Path, overrides, dry_run: bool) -> None:
     """`scripts/distill.py` unless `folder` already holds the final weights (resumes a checkpoint)."""
-    if (REPO / folder / "model.safetensors").is_file() and (REPO / folder / "metrics.json").is_file():
-        print(f"[study] {folder}: trained already", flush=True)
-        return
+    for where in (folder, kept(folder)):
+        if (REPO / where / "model.safetensors").is_file() and (REPO / where / "metrics.json").is_file():
+            print(f"[study] {folder}: trained already ({where})", flush=True)
+            return
     resume = ["--resume", "latest"] if (REPO / folder / "checkpoints").is_dir() else []
     run([sys.executable, "scripts/distill.py", "--config", str(CONFIGS / config), "--run.output_dir", str(folder),
          *overrides, *resume], RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log", dry_run)
 
 
-def score(folder: Path, camvid_root: str, dry_run: bool) -> None:
-    """`scripts/evaluate.py` on val and test (each split once), then copy the small artefacts."""
+def score(folder: Path, camvid_root: str, dry_run: bool, weights: bool = False) -> None:
+    """`scripts/evaluate.py` on val and test (each split once), then copy the small artefacts
+    (and the weights too with `weights`)."""
+    if not dry_run and all(eval_key(split) in evaluations(folder) for split in SPLITS):
+        return
     for split in SPLITS:
         if not dry_run and eval_key(split) in evaluations(folder):
             continue
@@ -88,16 +106,19 @@ def score(folder: Path, camvid_root: str, dry_run: bool) -> None:
              "--split", split, "--eval_size", *map(str, EVAL_SIZE), "--batch_size", "4"],
             RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log", dry_run)
     if not dry_run:
-        keep(folder)
+        keep(folder, weights)
 
 
-def keep(folder: Path) -> None:
-    """Copy a run's small artefacts (never weights or checkpoints) to results/camvid_v2/<run>/."""
-    dst = REPO / RESULTS / folder.relative_to(OUT)
+def keep(folder: Path, weights: bool = False) -> None:
+    """Copy a run's small artefacts (and its final weights with `weights`, never checkpoints) to
+    results/camvid_v2/<run>/; a file is written under a temporary name and renamed into place."""
+    dst = REPO / kept(folder)
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.json", "fotf_config.yaml", "README.md", "reliability.png", "log_history.jsonl"):
+    names = ("metrics.json", "fotf_config.yaml", "README.md", "reliability.png", "log_history.jsonl")
+    for name in names + (SHARED_WEIGHTS if weights else ()):
         if (REPO / folder / name).is_file():
-            shutil.copy2(REPO / folder / name, dst / name)
+            shutil.copy2(REPO / folder / name, dst / f".tmp_{name}")
+            os.replace(dst / f".tmp_{name}", dst / name)
 
 
 def build_init(dry_run: bool) -> None:
@@ -166,14 +187,15 @@ def main(argv=None) -> int:
     stages = STAGES[: STAGES.index(args.stage) + 1]
     root = ["--data.root", args.camvid_root]
     start = time.time()
-    train("pretrain.yaml", OUT / "pretrain_r18", [], args.dry_run)
-    if not args.dry_run:
+    if not (REPO / INIT / "model.safetensors").is_file():  # only the init needs the pretraining
+        train("pretrain.yaml", OUT / "pretrain_r18", [], args.dry_run)
+    if not args.dry_run and (REPO / OUT / "pretrain_r18").is_dir():
         keep(OUT / "pretrain_r18")
     if "init" in stages:
         build_init(args.dry_run)
     if "teacher" in stages:
         train("teacher.yaml", OUT / "teacher", root, args.dry_run)
-        score(OUT / "teacher", args.camvid_root, args.dry_run)
+        score(OUT / "teacher", args.camvid_root, args.dry_run, weights=True)
     if "pilot" in stages:
         for seed in PILOT_SEEDS:
             folder = OUT / "kd" / f"seed{seed}"
