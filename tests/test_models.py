@@ -633,3 +633,20 @@ def test_student_rejects_unsupported_models_and_bad_arguments(x):
     torch.testing.assert_close(student(x).logits, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"got shape \(2, 3, 8, 8\)"):
         SegmentationStudent(tiny("segformer")).forward_features(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3", "pspnet"])
+def test_folder_saved_by_version_0_1_0_loads_with_the_same_logits(arch):
+    """tests/data/saved_by_0.1.0/<arch>: saved (with its logits on a fixed input) by the package as it
+    was before the model files were renamed; loading by `model_type` must keep giving those logits."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "data" / "saved_by_0.1.0" / arch
+    model = AutoModelForSemanticSegmentation.from_pretrained(str(folder)).eval()
+    assert model.config.model_type == f"fotf_{arch}"
+    expected = load_file(str(folder / "expected_logits.safetensors"))
+    with torch.no_grad():
+        logits = model(expected["pixel_values"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
