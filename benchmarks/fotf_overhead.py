@@ -64,15 +64,15 @@ NUM_LABELS = 19
 
 
 def build_pair(name: str, quick: bool, seed: int = 0):
-    """Student and teacher `SegmentationStudent`s (random init)."""
-    from fotf_hf.models import SegmentationStudent, create_model
+    """Student and teacher `SegmentationAdapter`s (random init)."""
+    from fotf_hf.models import SegmentationAdapter, create_model
 
     (s_arch, s_bb), (t_arch, t_bb) = PAIRS[name]
     if quick:  # a cheap teacher keeps --quick quick; the ratio is then vs a cheaper step (pessimistic)
         t_arch, t_bb = s_arch, s_bb
     torch.manual_seed(seed)
-    student = SegmentationStudent(create_model(s_arch, s_bb, num_labels=NUM_LABELS, mc_dropout_p=0.1)).train()
-    teacher = SegmentationStudent(create_model(t_arch, t_bb, num_labels=NUM_LABELS, mc_dropout_p=0.1)).eval()
+    student = SegmentationAdapter(create_model(s_arch, s_bb, num_labels=NUM_LABELS, mc_dropout_p=0.1)).train()
+    teacher = SegmentationAdapter(create_model(t_arch, t_bb, num_labels=NUM_LABELS, mc_dropout_p=0.1)).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     return student, teacher

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     from fotf_hf.config import load_config
     from fotf_hf.data import SegmentationTransform, build_dataset, create_dataloader
-    from fotf_hf.models import SegmentationStudent, create_model
+    from fotf_hf.models import SegmentationAdapter, create_model
     from fotf_hf.training import train
     from fotf_hf.data import SeededTransformDataset
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         student = create_model("deeplabv3", "resnet18", num_labels=info.num_labels, id2label=info.id2label,
                                backbone_base_width=32)
-        teacher = SegmentationStudent(create_model("deeplabv3", "resnet18", num_labels=info.num_labels,
+        teacher = SegmentationAdapter(create_model("deeplabv3", "resnet18", num_labels=info.num_labels,
                                                    id2label=info.id2label)).eval()
         tf = SegmentationTransform(train=True, crop_size=(h, w), scale_range=(0.5, 2.0), normalization="imagenet",
                                    num_labels=info.num_labels)

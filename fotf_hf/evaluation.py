@@ -1,4 +1,4 @@
-"""Whole-image evaluation of a `SegmentationStudent`: mIoU, accuracies and ECE, exact under Accelerate.
+"""Whole-image evaluation of a `SegmentationAdapter`: mIoU, accuracies and ECE, exact under Accelerate.
 
 `evaluate_model` is what the training loop calls every `run.eval_every` steps; `run_evaluation` is
 the library side of `scripts/evaluate.py` (load a saved student, build the dataset, evaluate,
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import UNCERTAINTY_ROWS, SegmentationMetrics
-from .models import SegmentationStudent, eval_mode, module_device
+from .models import SegmentationAdapter, eval_mode, module_device
 from .viz import reliability_diagram
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def _predict(
         for view, flipped in views:
             sigma = None
             if mc_samples:
-                # T exact MC-dropout passes from the first dropout site (see SegmentationStudent.sample_logits)
+                # T exact MC-dropout passes from the first dropout site (see SegmentationAdapter.sample_logits)
                 samples = student.sample_logits(mc_samples, features=student.forward_features(view),
                                                 generator=generator)
                 pred, square = 0.0, 0.0
@@ -182,7 +182,7 @@ def evaluate_model(
     """Dataset-level mIoU / accuracy / ECE of `student` on `loader`, whole-image inference.
 
     Args:
-        student: a `SegmentationStudent` (or anything with its interface): `student(x).logits`
+        student: a `SegmentationAdapter` (or anything with its interface): `student(x).logits`
             `(B, C, h, w)`; for MC dropout also `forward_features(x)` and
             `sample_logits(T, features=..., generator=...)` (T logits `(B, C, h, w)`). Not DDP-wrapped (pass
             `accelerator.unwrap_model(...)`); evaluated under `no_grad` in eval mode, and every
@@ -315,7 +315,7 @@ def _own_memory(model):
 
 
 def load_student(model: Union[str, os.PathLike, Any]):
-    """A `SegmentationStudent` from a saved folder or Hub id, a `PreTrainedModel`, or a student as is."""
+    """A `SegmentationAdapter` from a saved folder or Hub id, a `PreTrainedModel`, or a student as is."""
     if hasattr(model, "sample_logits") and hasattr(model, "num_labels"):
         return model
 
@@ -323,7 +323,7 @@ def load_student(model: Union[str, os.PathLike, Any]):
         from transformers import AutoModelForSemanticSegmentation
 
         model = _own_memory(AutoModelForSemanticSegmentation.from_pretrained(str(model)))
-    return SegmentationStudent(model)
+    return SegmentationAdapter(model)
 
 
 def format_metrics_table(metrics: Mapping[str, Any], id2label: Optional[Mapping[int, str]] = None) -> str:
@@ -421,7 +421,7 @@ def run_evaluation(
 
     Args:
         model: a saved folder or Hub id (loaded with `AutoModelForSemanticSegmentation` after
-            `import fotf_hf`), a `PreTrainedModel`, or a `SegmentationStudent`.
+            `import fotf_hf`), a `PreTrainedModel`, or a `SegmentationAdapter`.
         dataset, root, dataset_options: `fotf_hf.data.build_dataset(dataset, root, **options)`.
         split: the split to evaluate.
         flip, scales, mc_samples: see `evaluate_model`.

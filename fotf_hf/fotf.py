@@ -9,7 +9,7 @@ One training step, all without gradient (the weights are constants for the loss)
     weighting (eq. 7)                             w = (1 + m sigma')^kappa  or  exp(kappa m sigma')
 
 `w` multiplies the KD terms (eq. 3, `losses/kd.py`) and the pixel CE (eq. 8, `losses/ce.py`).
-The passes themselves belong to the model (`SegmentationStudent.sample_logits`): this file asks
+The passes themselves belong to the model (`SegmentationAdapter.sample_logits`): this file asks
 for T samples and never looks inside a model.
 
 Sampling modes (`FotfConfig.mode`):
@@ -242,7 +242,7 @@ class FOTF(nn.Module):
     """Per-step FOTF weights. No parameters; a module so that it composes with the training module.
 
     Call `fotf(student, features, pixel_values, teacher=None, teacher_features=None)`:
-    `student`/`teacher` are `SegmentationStudent`s, `features` the student's output of this step
+    `student`/`teacher` are `SegmentationAdapter`s, `features` the student's output of this step
     (needs `mc_input`/`head_input` except in `naive` mode), `pixel_values` `(B, 3, H, W)`.
     """
 

@@ -175,7 +175,7 @@ def write_uncertainty_panels(
     """One PNG per validation image: image | ground truth | prediction | sigma | FOTF weight.
 
     Args:
-        student: a `SegmentationStudent`.
+        student: a `SegmentationAdapter`.
         eval_set: transformed validation dataset; item i is `{"pixel_values": (3, H, W), "labels": (H, W)}`.
             `num_images` items evenly spread over the set are drawn (the first, the last, and
             between): validation sets of video frames (CamVid) start with near-identical images.

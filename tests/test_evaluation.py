@@ -1,7 +1,7 @@
 """`evaluate_model` / `run_evaluation` against NumPy references and a real 2-process run.
 
 References: NumPy softmax / argmax / confusion matrix / ECE bins written here from the definitions
-(Guo et al. 2017 for the ECE), on a tiny fake `SegmentationStudent` (1x1 convs, so its logits are
+(Guo et al. 2017 for the ECE), on a tiny fake `SegmentationAdapter` (1x1 convs, so its logits are
 known and flip-equivariant). Tests with the real models are at the end (they need
 `fotf_hf.models.create_model`).
 """
@@ -20,7 +20,7 @@ from fotf_hf.models.outputs import SegmentationFeatures, SegmentationModelOutput
 
 
 class FakeStudent(nn.Module):
-    """The documented `SegmentationStudent` interface on a pointwise net: trunk (1x1 conv + BN) -> dropout -> 1x1."""
+    """The documented `SegmentationAdapter` interface on a pointwise net: trunk (1x1 conv + BN) -> dropout -> 1x1."""
 
     def __init__(self, num_labels=4, width=6, stride=1, mc_dropout_p=0.1):
         super().__init__()
@@ -390,7 +390,7 @@ def _tiny_real_student(num_labels=5, **overrides):
     if not hasattr(models, "create_model"):
         pytest.skip("fotf_hf.models.create_model is not written yet")
     torch.manual_seed(0)
-    return models.SegmentationStudent(
+    return models.SegmentationAdapter(
         models.create_model("deeplabv3", "resnet18", num_labels=num_labels, backbone_base_width=8, head_channels=16,
                             **overrides)
     )

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from fotf_hf.fotf import FOTF, MERGES, FotfConfig, FotfResult, merge_sigma, predictive_std, streamed_std, uncertainty_weights
 from fotf_hf.losses.ce import ce_loss
 from fotf_hf.losses.kd import kd_loss
-from fotf_hf.models import SegmentationStudent, create_model, eval_mode
+from fotf_hf.models import SegmentationAdapter, create_model, eval_mode
 
 TINY_RESNET = dict(backbone_base_width=8, head_channels=16)
 TINY_MIT = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], decoder_hidden_size=32)
@@ -27,7 +27,7 @@ MERGE_SHAPES = {"none": (2, 3, 4, 5), "per_pixel": (2, 1, 4, 5), "per_class": (2
 
 def tiny(arch, num_labels=5, **overrides):
     backbone, base = ("mit-b0", TINY_MIT) if arch == "segformer" else ("resnet18", TINY_RESNET)
-    return SegmentationStudent(create_model(arch, backbone, num_labels=num_labels, **{**base, **overrides}))
+    return SegmentationAdapter(create_model(arch, backbone, num_labels=num_labels, **{**base, **overrides}))
 
 
 def np_softmax(z, axis):

@@ -1,4 +1,4 @@
-"""Models: CIRKD-v1 DeepLabV3 / PSPNet as transformers models, SegFormer via create_model, SegmentationStudent.
+"""Models: CIRKD-v1 DeepLabV3 / PSPNet as transformers models, SegFormer via create_model, SegmentationAdapter.
 
 Tiny widths (backbone_base_width 8, head 16, SegFormer hidden 8..64) and 64 x 64 inputs keep it
 CPU-fast; the one full-size check builds DeepLabV3-R18 / PSPNet-R18 / DeepLabV3-R101 once.
@@ -24,7 +24,7 @@ from fotf_hf.models import (
     FotfPSPNetConfig,
     FotfPSPNetForSemanticSegmentation,
     SegmentationModelOutput,
-    SegmentationStudent,
+    SegmentationAdapter,
     create_model,
 )
 from fotf_hf.models.segformer import MIT_VARIANTS, segformer_config
@@ -344,7 +344,7 @@ def test_segformer_from_a_local_folder(tmp_path):
         create_model("deeplabv3", "resnet18", num_labels=3, pretrained=str(tmp_path))
 
 
-# -------------------------------------------------------------------------- SegmentationStudent
+# -------------------------------------------------------------------------- SegmentationAdapter
 
 
 def same_modules(a, b):
@@ -400,12 +400,12 @@ def masked_reference(model, sites, masks, x):
 def test_mc_sites_are_the_dropouts_of_the_prediction_path():
     dlv3, psp, seg = tiny("deeplabv3"), tiny("pspnet"), tiny("segformer")
     # DeepLabV3: ASPP projection dropout (0.5), then the head's (0.1); never the aux head's
-    assert same_modules(SegmentationStudent(dlv3).mc_dropout_sites(), [dlv3.head.aspp.project[3], dlv3.head.block[3]])
-    assert same_modules(SegmentationStudent(psp).mc_dropout_sites(), [psp.head.block[3]])
-    assert same_modules(SegmentationStudent(seg).mc_dropout_sites(), [seg.decode_head.dropout])
+    assert same_modules(SegmentationAdapter(dlv3).mc_dropout_sites(), [dlv3.head.aspp.project[3], dlv3.head.block[3]])
+    assert same_modules(SegmentationAdapter(psp).mc_dropout_sites(), [psp.head.block[3]])
+    assert same_modules(SegmentationAdapter(seg).mc_dropout_sites(), [seg.decode_head.dropout])
     # SegFormer with hidden dropout: every encoder dropout that runs with p > 0, then the decode head's
     enc = tiny("segformer", hidden_dropout_prob=0.2)
-    sites = SegmentationStudent(enc).mc_dropout_sites()
+    sites = SegmentationAdapter(enc).mc_dropout_sites()
     called = []
     handles = [m.register_forward_pre_hook(lambda module, args: called.append(module))
                for m in enc.modules() if isinstance(m, nn.Dropout)]
@@ -416,7 +416,7 @@ def test_mc_sites_are_the_dropouts_of_the_prediction_path():
     active = list({id(m): m for m in called if m.p > 0}.values())
     assert sites[-1] is enc.decode_head.dropout and len(sites) == len(active) == 9  # 4 stages x 2, + head
     assert {id(m) for m in sites} == {id(m) for m in active} and all(m.p == 0.2 for m in sites[:-1])
-    with_attention_dropout = SegmentationStudent(tiny("segformer", attention_probs_dropout_prob=0.1))
+    with_attention_dropout = SegmentationAdapter(tiny("segformer", attention_probs_dropout_prob=0.1))
     assert with_attention_dropout(torch.randn(1, 3, 32, 32)).logits.shape[1] == enc.config.num_labels  # plain use works
     with pytest.raises(ValueError, match="attention_probs_dropout_prob = 0.1 is not supported with MC dropout"):
         with_attention_dropout.mc_dropout_sites()
@@ -431,7 +431,7 @@ def test_mc_sites_are_the_dropouts_of_the_prediction_path():
 def test_mc_passes_with_given_masks_equal_the_plain_model_with_those_masks(arch, overrides, training, x):
     """exact: every site of the prediction path, from the cached first-site input; classifier: the last
     site + classifier on head_input only. BatchNorm keeps the model's mode (train: batch statistics)."""
-    student = SegmentationStudent(tiny(arch, **overrides)).train(training)
+    student = SegmentationAdapter(tiny(arch, **overrides)).train(training)
     sites = student.mc_dropout_sites()
     shapes = [tuple(t.shape) for t in site_inputs(student.model, sites, x)]
     assert len(shapes) >= len(sites)
@@ -458,7 +458,7 @@ def test_mc_passes_with_given_masks_equal_the_plain_model_with_those_masks(arch,
 @pytest.mark.parametrize("arch, stride", [("deeplabv3", 8), ("pspnet", 8), ("segformer", 4)])
 def test_student_forward_matches_the_plain_model_and_has_every_field(arch, stride, x):
     model = tiny(arch).eval()
-    student = SegmentationStudent(model)
+    student = SegmentationAdapter(model)
     assert not student.training and student.num_labels == C and student.mc_dropout_p == pytest.approx(0.1)
     assert student.config is model.config
     out = student(x)
@@ -485,12 +485,12 @@ def test_student_forward_matches_the_plain_model_and_has_every_field(arch, strid
 
 
 def test_segformer_with_encoder_sites_caches_the_pixels_as_mc_input(x):
-    student = SegmentationStudent(tiny("segformer", hidden_dropout_prob=0.1)).eval()
+    student = SegmentationAdapter(tiny("segformer", hidden_dropout_prob=0.1)).eval()
     assert torch.equal(student.forward_features(x).mc_input, x)
 
 
 def test_forward_head_applies_the_last_site_as_its_own_flag_says(x):
-    student = SegmentationStudent(tiny("pspnet")).train()
+    student = SegmentationAdapter(tiny("pspnet")).train()
     assert student.model.training
     out = student(x)
     assert not torch.equal(out.embedding, out.head_input)
@@ -514,7 +514,7 @@ def test_forward_head_applies_the_last_site_as_its_own_flag_says(x):
 
 def test_from_pretrained_student_samples_differ_and_forward_is_deterministic(tmp_path, x):
     tiny("deeplabv3").save_pretrained(tmp_path)
-    student = SegmentationStudent(AutoModelForSemanticSegmentation.from_pretrained(tmp_path))
+    student = SegmentationAdapter(AutoModelForSemanticSegmentation.from_pretrained(tmp_path))
     assert not student.training and student.mc_dropout_p == pytest.approx(0.1)
     features = student.forward_features(x)
     samples = student.sample_logits(5, features=features)
@@ -545,7 +545,7 @@ def test_from_pretrained_student_samples_differ_and_forward_is_deterministic(tmp
 
 @pytest.mark.parametrize("arch", ["deeplabv3", "segformer"])
 def test_sampling_in_train_mode_keeps_batchnorm_statistics_and_module_flags(arch, x):
-    student = SegmentationStudent(tiny(arch, **({"drop_path_rate": 0.3} if arch == "segformer" else {}))).train()
+    student = SegmentationAdapter(tiny(arch, **({"drop_path_rate": 0.3} if arch == "segformer" else {}))).train()
     frozen = "decode_head.linear_fuse" if arch == "segformer" else "head.block.1"
     student.model.get_submodule(frozen).eval()  # a frozen submodule must stay frozen
     out = student(x)  # move the running stats away from their init
@@ -572,7 +572,7 @@ def test_sampling_in_train_mode_keeps_batchnorm_statistics_and_module_flags(arch
 
 
 def test_a_model_without_active_mc_sites_is_refused_and_an_explicit_p_samples_it(x):
-    psp = SegmentationStudent(tiny("pspnet", mc_dropout_p=0.0)).eval()
+    psp = SegmentationAdapter(tiny("pspnet", mc_dropout_p=0.0)).eval()
     assert psp.mc_dropout_p == 0.0
     out = psp(x)
     for mode in MODES:
@@ -583,7 +583,7 @@ def test_a_model_without_active_mc_sites_is_refused_and_an_explicit_p_samples_it
     samples = list(psp.sample_logits(3, features=out, p=0.2))  # an explicit p works
     assert len(samples) == 3 and not torch.allclose(samples[0], samples[1])
     # DeepLabV3 without head dropout keeps its ASPP site: exact passes sample it, the classifier approximation cannot
-    dlv3 = SegmentationStudent(tiny("deeplabv3", mc_dropout_p=0.0)).eval()
+    dlv3 = SegmentationAdapter(tiny("deeplabv3", mc_dropout_p=0.0)).eval()
     out = dlv3(x)
     exact = list(dlv3.sample_logits(2, features=out))
     assert not torch.allclose(exact[0], exact[1])
@@ -593,7 +593,7 @@ def test_a_model_without_active_mc_sites_is_refused_and_an_explicit_p_samples_it
 
 @pytest.mark.parametrize("arch", ["deeplabv3", "segformer"])
 def test_fotf_runs_on_real_students_in_every_mode(arch, x):
-    student = SegmentationStudent(tiny(arch)).train()
+    student = SegmentationAdapter(tiny(arch)).train()
     out = student(x)
     for mode in MODES:
         fotf = FOTF(FotfConfig(enabled=True, num_samples=3, mode=mode))
@@ -607,8 +607,8 @@ def test_fotf_runs_on_real_students_in_every_mode(arch, x):
 
 def test_student_rejects_unsupported_models_and_bad_arguments(x):
     with pytest.raises(TypeError, match="Conv2d is not supported; accepted: FotfDeepLabV3ForSemanticSegmentation"):
-        SegmentationStudent(nn.Conv2d(3, 3, 1))
-    student = SegmentationStudent(tiny("deeplabv3")).eval()
+        SegmentationAdapter(nn.Conv2d(3, 3, 1))
+    student = SegmentationAdapter(tiny("deeplabv3")).eval()
     expected = student(x).logits
     hooks = hook_counts(student)
     features = student.forward_features(x)
@@ -632,7 +632,7 @@ def test_student_rejects_unsupported_models_and_bad_arguments(x):
     assert not any(m.training for m in student.modules()) and torch.is_grad_enabled()
     torch.testing.assert_close(student(x).logits, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"got shape \(2, 3, 8, 8\)"):
-        SegmentationStudent(tiny("segformer")).forward_features(torch.randn(2, 3, 8, 8))
+        SegmentationAdapter(tiny("segformer")).forward_features(torch.randn(2, 3, 8, 8))
 
 
 @pytest.mark.parametrize("arch", ["deeplabv3", "pspnet"])

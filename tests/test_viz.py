@@ -15,7 +15,7 @@ from fotf_hf.viz import colorize, palette_for, reliability_diagram, tsne_embeddi
 
 
 class FakeStudent(nn.Module):
-    """`SegmentationStudent` interface: stride-s trunk -> dropout -> 1x1 classifier (one MC site)."""
+    """`SegmentationAdapter` interface: stride-s trunk -> dropout -> 1x1 classifier (one MC site)."""
 
     def __init__(self, num_labels=4, width=6, stride=2, mc_dropout_p=0.1):
         super().__init__()
@@ -206,7 +206,7 @@ def test_real_student_panels_and_tsne(tmp_path):
     if not hasattr(models, "create_model"):
         pytest.skip("fotf_hf.models.create_model is not written yet")
     torch.manual_seed(0)
-    student = models.SegmentationStudent(
+    student = models.SegmentationAdapter(
         models.create_model("deeplabv3", "resnet18", num_labels=4, backbone_base_width=8, head_channels=16))
     student.train()
     eval_set = make_eval_set(2, size=(32, 48))

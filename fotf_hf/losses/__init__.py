@@ -43,7 +43,7 @@ class DistillationCriterion(nn.Module):
 
 @torch.no_grad()
 def probe_channels(model: nn.Module, size: int = 64) -> Dict[str, int]:
-    """Channel counts of a `SegmentationStudent`'s embedding and backbone output, by one tiny forward."""
+    """Channel counts of a `SegmentationAdapter`'s embedding and backbone output, by one tiny forward."""
     was_training = model.training
     model.eval()
     try:

@@ -1,17 +1,18 @@
-"""Segmentation models: CIRKD-v1 DeepLabV3 / PSPNet as transformers models, SegFormer, and the student interface.
+"""Segmentation models: CIRKD-v1 DeepLabV3 / PSPNet as transformers models, SegFormer, one adapter.
 
 Importing this package registers `fotf_deeplabv3` / `fotf_pspnet` with `AutoConfig` and
-`AutoModelForSemanticSegmentation` (see `modeling_fotf.py`).
+`AutoModelForSemanticSegmentation` (see `modeling_deeplabv3.py`, `modeling_pspnet.py`).
 """
 
 from .configuration_fotf import FotfDeepLabV3Config, FotfPSPNetConfig
 from .convert import ConversionReport, convert_cirkd_checkpoint, convert_cirkd_state_dict, load_cirkd_state_dict
 from .factory import ARCHS, BACKBONES, create_model, list_models
-from .modeling_fotf import FotfDeepLabV3ForSemanticSegmentation, FotfPSPNetForSemanticSegmentation
+from .modeling_deeplabv3 import FotfDeepLabV3ForSemanticSegmentation
+from .modeling_pspnet import FotfPSPNetForSemanticSegmentation
 from .outputs import SegmentationFeatures, SegmentationModelOutput
 from .resnet import ResNetV1b
 from .segformer import MIT_VARIANTS
-from .student import SegmentationStudent, eval_mode, module_device, set_mc_dropout_p
+from .adapter import SegmentationAdapter, eval_mode, module_device, set_mc_dropout_p
 
 __all__ = [
     "ARCHS",
@@ -25,7 +26,7 @@ __all__ = [
     "ResNetV1b",
     "SegmentationFeatures",
     "SegmentationModelOutput",
-    "SegmentationStudent",
+    "SegmentationAdapter",
     "convert_cirkd_checkpoint",
     "convert_cirkd_state_dict",
     "create_model",

@@ -5,7 +5,7 @@
     create_model("segformer", "mit-b0", num_labels=19, pretrained="nvidia/mit-b0")
     create_model("deeplabv3", "resnet101", num_labels=19, pretrained="teachers/dlv3-r101-citys")
 
-Returns the bare `PreTrainedModel`; wrap it as `SegmentationStudent(create_model(...))` for the
+Returns the bare `PreTrainedModel`; wrap it as `SegmentationAdapter(create_model(...))` for the
 training loop / FOTF. The MC-site dropout (the dropout right before the classifier) is set to
 `mc_dropout_p` in every case, also for loaded checkpoints.
 """
@@ -29,7 +29,8 @@ from transformers import (
 )
 
 from .configuration_fotf import FotfDeepLabV3Config, FotfPSPNetConfig, FotfSegmentationConfig
-from .modeling_fotf import FotfDeepLabV3ForSemanticSegmentation, FotfPSPNetForSemanticSegmentation
+from .modeling_deeplabv3 import FotfDeepLabV3ForSemanticSegmentation
+from .modeling_pspnet import FotfPSPNetForSemanticSegmentation
 from .segformer import (
     MIT_SHARED,
     MIT_VARIANTS,
@@ -38,7 +39,7 @@ from .segformer import (
     segformer_config_fields,
     segformer_from_pretrained,
 )
-from .student import set_mc_dropout_p
+from .adapter import set_mc_dropout_p
 
 __all__ = ["create_model", "check_pretrained", "ARCHS", "RESNET_BACKBONES", "BACKBONES", "default_id2label", "list_models"]
 

@@ -1,7 +1,7 @@
 """Monte-Carlo dropout passes: what is random, what is not, and where the masks come from.
 
 A model family declares its MC sites: the `nn.Dropout` modules on its main prediction path, in
-order (`SegmentationStudent.mc_dropout_sites`). Inside `mc_dropout_passes` a forward through the
+order (`SegmentationAdapter.mc_dropout_sites`). Inside `mc_dropout_passes` a forward through the
 model (or any part of it) is one stochastic pass in the sense of the paper:
 
 - every site drops with a fresh keep-mask `~ Bernoulli(1 - p)` drawn from a `torch.Generator`

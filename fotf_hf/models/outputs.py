@@ -38,7 +38,7 @@ class SegmentationFeatures(ModelOutput):
 
 @dataclass
 class SegmentationModelOutput(ModelOutput):
-    """Output of our models' `forward` and of `SegmentationStudent.forward`.
+    """Output of our models' `forward` and of `SegmentationAdapter.forward`.
 
     A superset of `transformers.modeling_outputs.SemanticSegmenterOutput`: `loss`, `logits`,
     `hidden_states` mean the same; the extra fields are what distillation losses consume.

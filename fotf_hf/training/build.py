@@ -13,7 +13,7 @@ from ..config import ConfigError, ExperimentConfig
 from ..data import SegmentationTransform, SeededTransformDataset, build_dataset, create_dataloader, scan_splits
 from ..fotf import FOTF
 from ..losses import build_criterion
-from ..models import SegmentationStudent, create_model
+from ..models import SegmentationAdapter, create_model
 from ..models.factory import check_pretrained
 
 
@@ -29,7 +29,7 @@ def check_weights(cfg: ExperimentConfig) -> None:
 
 
 def build_models(cfg: ExperimentConfig, num_labels: int, id2label: Dict[int, str]):
-    """Student (random init or `pretrained`) and frozen teacher, both as `SegmentationStudent`."""
+    """Student (random init or `pretrained`) and frozen teacher, both as `SegmentationAdapter`."""
     def make(model_cfg, role):
         try:
             return create_model(
@@ -44,7 +44,7 @@ def build_models(cfg: ExperimentConfig, num_labels: int, id2label: Dict[int, str
         except ValueError as err:
             raise ConfigError(f"{role}: {err}") from None
 
-    student = SegmentationStudent(make(cfg.student, "student"))
+    student = SegmentationAdapter(make(cfg.student, "student"))
     teacher = None
     if cfg.needs_teacher:
         path = cfg.teacher.pretrained
@@ -54,7 +54,7 @@ def build_models(cfg: ExperimentConfig, num_labels: int, id2label: Dict[int, str
                 f"teacher has {teacher_classes} classes but the student/dataset has {student.num_labels}: "
                 "distillation needs the same label set (check teacher.pretrained and data.name)"
             )
-        teacher = SegmentationStudent(make(cfg.teacher, "teacher"))
+        teacher = SegmentationAdapter(make(cfg.teacher, "teacher"))
         if teacher.num_labels != student.num_labels:
             raise ConfigError(
                 f"teacher has {teacher.num_labels} classes but the student/dataset has {student.num_labels}: "

@@ -32,7 +32,7 @@ class StepOutput:
 
 
 class DistillationModule(nn.Module):
-    """`student` (a `SegmentationStudent`), an optional `FOTF` object and a criterion, composed.
+    """`student` (a `SegmentationAdapter`), an optional `FOTF` object and a criterion, composed.
 
     The forward runs the student once with gradients; FOTF (when configured) draws its T passes
     under `no_grad` from the detached cached features to get the weights (naive student

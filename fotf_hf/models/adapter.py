@@ -1,4 +1,4 @@
-"""`SegmentationStudent`: the one interface the training loop, FOTF and evaluation use for every model family.
+"""`SegmentationAdapter`: the one interface (students and teachers) of the loop, FOTF and evaluation.
 
 Every supported model ends in `... -> ReLU -> Dropout(p) -> 1x1 conv classifier`, and declares its
 Monte-Carlo dropout sites, the dropouts on its main prediction path, in order:
@@ -25,11 +25,11 @@ from transformers import PreTrainedModel, SegformerForSemanticSegmentation
 
 from ..fotf import MODES as MC_MODES
 from .mc import mc_dropout_passes
-from .modeling_fotf import FotfPreTrainedModel, check_pixel_values, segmentation_loss
+from .modeling_cirkd import FotfPreTrainedModel, check_pixel_values, segmentation_loss
 from .outputs import SegmentationFeatures, SegmentationModelOutput
 from .segformer import segformer_forward_features, segformer_forward_from_mc_input, segformer_mc_sites
 
-__all__ = ["SegmentationStudent", "set_mc_dropout_p", "mc_dropout_site", "eval_mode", "module_device"]
+__all__ = ["SegmentationAdapter", "set_mc_dropout_p", "mc_dropout_site", "eval_mode", "module_device"]
 
 def mc_dropout_site(model: PreTrainedModel) -> Tuple[nn.Dropout, nn.Conv2d]:
     """`(dropout, classifier)`: the last MC site of a supported model and the classifier after it."""
@@ -75,7 +75,7 @@ def eval_mode(module) -> Iterator[None]:
             m.training = flag
 
 
-class SegmentationStudent(nn.Module):
+class SegmentationAdapter(nn.Module):
     """Uniform student/teacher interface around a DeepLabV3, PSPNet or SegFormer `PreTrainedModel`.
 
     Args:

@@ -1,35 +1,32 @@
-"""CIRKD-v1 DeepLabV3 and PSPNet as transformers models (`AutoModelForSemanticSegmentation`).
+"""The shared base of CIRKD-v1's DeepLabV3 and PSPNet as transformers models.
 
-Architecture and module names follow CIRKD-v1 / Af-DCD (`models/deeplabv3.py`, `models/pspnet.py`,
-`models/segbase.py`) exactly, so their checkpoints load by identity:
+Both models (`modeling_deeplabv3.py`, `modeling_pspnet.py`) follow CIRKD-v1 / Af-DCD
+(`models/segbase.py`) module for module, so their checkpoints load by identity:
 
-    pretrained.*                 dilated deep-stem ResNetV1b (fotf_hf/models/resnet.py)
-    head.aspp.b0.{0,1}           1x1 conv, BN              (+ ReLU)
-    head.aspp.b{1,2,3}.block.{0,1}  3x3 atrous conv (rates 12/24/36), BN (+ ReLU)
-    head.aspp.b4.gap.{1,2}       image pooling: [avgpool], 1x1 conv, BN (+ ReLU, bilinear up)
-    head.aspp.project.{0,1}      1x1 conv 5D->D, BN (+ ReLU, project.3 = Dropout 0.5: the first MC site)
-    head.block.{0,1}             3x3 conv D->D, BN (+ ReLU, block.3 = Dropout 0.1: the last MC site)
-    head.block.4                 1x1 classifier D->C
-    head.psp.conv{1-4}.{0,1}     PSPNet pyramid (bins 1/2/3/6): 1x1 conv, BN (+ ReLU, bilinear up)
-    head.block.{0,1}, head.classifier   PSPNet: 3x3 conv 2*C4->D, BN (+ ReLU, block.3 = Dropout), 1x1
+    pretrained.*                 dilated deep-stem ResNetV1b (resnet.py)
+    head.*                       the family's head (see its modeling file)
     auxlayer.block.{0,1,4}       aux FCN head on layer3: 3x3 conv, BN (+ ReLU, Dropout 0.1), 1x1
 
-Both models return `SegmentationModelOutput` with logits at 1/8 of the input (not upsampled, as
-CIRKD), and expose `forward_features` (everything up to the last MC-dropout site), `forward_head`
-(last dropout + classifier), `mc_dropout_sites` (the dropouts on the prediction path, in order)
-and `forward_from_mc_input` (the re-run from the first site that FOTF's `exact` passes use).
+and return `SegmentationModelOutput` with logits at 1/8 of the input (not upsampled, as CIRKD). The
+base exposes the split forward every family shares: `forward_features` (everything up to the last
+MC-dropout site), `forward_head` (last dropout + classifier), `mc_dropout_sites` (the dropouts on the
+prediction path, in order) and `forward_from_mc_input` (the re-run from the first site that FOTF's
+`exact` passes use).
+
+Only torch, transformers and sibling files are imported, so the release step can copy these files
+next to a model's weights as remote code (`trust_remote_code=True` without fotf-hf installed).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSemanticSegmentation, PreTrainedModel
+from transformers import PreTrainedModel
 
-from .configuration_fotf import FotfDeepLabV3Config, FotfPSPNetConfig, FotfSegmentationConfig
+from .configuration_fotf import FotfSegmentationConfig
 from .outputs import SegmentationFeatures, SegmentationModelOutput
 from .resnet import ResNetV1b
 
@@ -38,16 +35,8 @@ try:  # transformers >= 5: init functions that respect the "already loaded" flag
 except ImportError:  # pragma: no cover - transformers 4
     from torch.nn import init
 
-__all__ = [
-    "FotfPreTrainedModel",
-    "FotfDeepLabV3ForSemanticSegmentation",
-    "FotfPSPNetForSemanticSegmentation",
-    "check_pixel_values",
-    "MIN_INPUT_SIZE",
-]
+__all__ = ["FotfPreTrainedModel", "FCNHead", "check_pixel_values", "conv_bn_relu", "segmentation_loss", "MIN_INPUT_SIZE"]
 
-ASPP_RATES = (12, 24, 36)
-PSP_BINS = (1, 2, 3, 6)
 MIN_INPUT_SIZE = 16  # px per side: 2 x 2 logits at output stride 8
 
 
@@ -69,7 +58,7 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int = 3, min_si
         )
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
     """`Sequential(conv (no bias), BN, ReLU)`: keys `.0.weight`, `.1.*` as CIRKD."""
     padding = dilation * (kernel_size // 2)
     return nn.Sequential(
@@ -79,139 +68,13 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dil
     )
 
 
-class ASPPConv(nn.Module):
-    """One atrous branch: `block` = 3x3 conv (dilation `rate`), BN, ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, rate: int):
-        super().__init__()
-        self.block = _conv_bn_relu(in_channels, out_channels, 3, dilation=rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
-
-
-class ASPPPooling(nn.Module):
-    """Image-pooling branch: global average pool, 1x1 conv, BN, ReLU, bilinear back to the input grid."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_channels, out_channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.gap(x)
-        return F.interpolate(pooled, size=x.shape[-2:], mode="bilinear", align_corners=True)
-
-
-class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling (CIRKD `_ASPP`): b0 1x1, b1-b3 atrous, b4 pooling, 1x1 projection + Dropout."""
-
-    def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int] = ASPP_RATES, dropout_prob: float = 0.5):
-        super().__init__()
-        self.b0 = _conv_bn_relu(in_channels, out_channels, 1)
-        self.b1 = ASPPConv(in_channels, out_channels, rates[0])
-        self.b2 = ASPPConv(in_channels, out_channels, rates[1])
-        self.b3 = ASPPConv(in_channels, out_channels, rates[2])
-        self.b4 = ASPPPooling(in_channels, out_channels)
-        self.project = nn.Sequential(*_conv_bn_relu(5 * out_channels, out_channels, 1), nn.Dropout(dropout_prob))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything before the projection's Dropout (DeepLabV3's first MC site): `(B, 5D)` -> `(B, D, h, w)`."""
-        branches = [self.b0(x), self.b1(x), self.b2(x), self.b3(x), self.b4(x)]
-        return self.project[2](self.project[1](self.project[0](torch.cat(branches, dim=1))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project[3](self.forward_features(x))
-
-
-class DeepLabHead(nn.Module):
-    """CIRKD `_DeepLabHead`: ASPP, then `block` = 3x3 conv, BN, ReLU, Dropout (MC site), 1x1 classifier."""
-
-    def __init__(self, in_channels: int, num_labels: int, channels: int, aspp_dropout_prob: float, dropout_prob: float):
-        super().__init__()
-        self.aspp = ASPP(in_channels, channels, ASPP_RATES, aspp_dropout_prob)
-        self.block = nn.Sequential(
-            *_conv_bn_relu(channels, channels, 3),
-            nn.Dropout(dropout_prob),
-            nn.Conv2d(channels, num_labels, 1),
-        )
-
-    @property
-    def dropout(self) -> nn.Dropout:
-        return self.block[3]
-
-    @property
-    def classifier(self) -> nn.Conv2d:
-        return self.block[4]
-
-    @property
-    def mc_sites(self) -> List[nn.Dropout]:
-        """MC sites in order: the ASPP projection's Dropout (0.5 in CIRKD), then the head's (0.1)."""
-        return [self.aspp.project[3], self.block[3]]
-
-    def mc_input(self, c4: torch.Tensor) -> torch.Tensor:
-        """`(B, C4, h, w)` -> `(B, D, h, w)`: the input of the first MC site (ASPP projection's dropout)."""
-        return self.aspp.forward_features(c4)
-
-    def between_sites(self, mc_input: torch.Tensor) -> torch.Tensor:
-        """From the first site's input to the last site's input: ASPP dropout, then `block[0:3]`."""
-        return self.block[2](self.block[1](self.block[0](self.aspp.project[3](mc_input))))
-
-
-class PyramidPooling(nn.Module):
-    """CIRKD `_PyramidPooling`: bins 1/2/3/6, each 1x1 conv to in/4 + BN + ReLU, upsampled, concat with the input."""
-
-    def __init__(self, in_channels: int, bins: Sequence[int] = PSP_BINS):
-        super().__init__()
-        self.bins = tuple(bins)
-        inter = max(1, in_channels // 4)
-        self.conv1 = _conv_bn_relu(in_channels, inter, 1)
-        self.conv2 = _conv_bn_relu(in_channels, inter, 1)
-        self.conv3 = _conv_bn_relu(in_channels, inter, 1)
-        self.conv4 = _conv_bn_relu(in_channels, inter, 1)
-        self.out_channels = in_channels + 4 * inter
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        feats = [x]
-        for bin_size, conv in zip(self.bins, (self.conv1, self.conv2, self.conv3, self.conv4)):
-            pooled = conv(F.adaptive_avg_pool2d(x, bin_size))
-            feats.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=True))
-        return torch.cat(feats, dim=1)
-
-
-class PSPHead(nn.Module):
-    """CIRKD `_PSPHead`: pyramid pooling, `block` = 3x3 conv, BN, ReLU, Dropout (MC site); `classifier` 1x1."""
-
-    def __init__(self, in_channels: int, num_labels: int, channels: int, dropout_prob: float):
-        super().__init__()
-        self.psp = PyramidPooling(in_channels)
-        self.block = nn.Sequential(*_conv_bn_relu(self.psp.out_channels, channels, 3), nn.Dropout(dropout_prob))
-        self.classifier = nn.Conv2d(channels, num_labels, 1)
-
-    @property
-    def dropout(self) -> nn.Dropout:
-        return self.block[3]
-
-    @property
-    def mc_sites(self) -> List[nn.Dropout]:
-        """One MC site: the head's Dropout before the classifier."""
-        return [self.block[3]]
-
-    def mc_input(self, c4: torch.Tensor) -> torch.Tensor:
-        """`(B, C4, h, w)` -> `(B, D, h, w)`: everything before the MC dropout (`block[0:3]`)."""
-        return self.block[2](self.block[1](self.block[0](self.psp(c4))))
-
-    def between_sites(self, mc_input: torch.Tensor) -> torch.Tensor:
-        return mc_input
-
-
 class FCNHead(nn.Module):
     """CIRKD `_FCNHead` (auxiliary head on layer3): 3x3 conv to in/4, BN, ReLU, Dropout, 1x1 classifier."""
 
     def __init__(self, in_channels: int, channels: int, num_labels: int, dropout_prob: float):
         super().__init__()
         self.block = nn.Sequential(
-            *_conv_bn_relu(in_channels, channels, 3),
+            *conv_bn_relu(in_channels, channels, 3),
             nn.Dropout(dropout_prob),
             nn.Conv2d(channels, num_labels, 1),
         )
@@ -384,43 +247,3 @@ class FotfPreTrainedModel(PreTrainedModel):
             hidden_states=features.hidden_states,
         )
         return output if return_dict else output.to_tuple()
-
-
-class FotfDeepLabV3ForSemanticSegmentation(FotfPreTrainedModel):
-    """DeepLabV3 with a dilated deep-stem ResNetV1b (CIRKD-v1 `DeepLabV3`).
-
-    Example:
-        >>> config = FotfDeepLabV3Config(backbone_depth=18, num_labels=19, backbone_base_width=8, head_channels=16)
-        >>> model = FotfDeepLabV3ForSemanticSegmentation(config).eval()
-        >>> model(torch.randn(1, 3, 64, 64)).logits.shape
-        torch.Size([1, 19, 8, 8])
-    """
-
-    config_class = FotfDeepLabV3Config
-
-    def _build_head(self, config: FotfDeepLabV3Config, in_channels: int) -> nn.Module:
-        return DeepLabHead(in_channels, config.num_labels, config.head_width, config.aspp_dropout_prob,
-                           config.classifier_dropout_prob)
-
-
-class FotfPSPNetForSemanticSegmentation(FotfPreTrainedModel):
-    """PSPNet with a dilated deep-stem ResNetV1b (CIRKD-v1 `PSPNet`).
-
-    Example:
-        >>> config = FotfPSPNetConfig(backbone_depth=18, num_labels=19, backbone_base_width=8, head_channels=16)
-        >>> FotfPSPNetForSemanticSegmentation(config).eval()(torch.randn(1, 3, 64, 64)).logits.shape
-        torch.Size([1, 19, 8, 8])
-    """
-
-    config_class = FotfPSPNetConfig
-
-    def _build_head(self, config: FotfPSPNetConfig, in_channels: int) -> nn.Module:
-        return PSPHead(in_channels, config.num_labels, config.head_width, config.classifier_dropout_prob)
-
-
-# Registration: after `import fotf_hf`, `AutoConfig` / `AutoModelForSemanticSegmentation`
-# `.from_pretrained(folder)` resolve our `model_type`s. exist_ok: re-imports (e.g. importlib.reload) stay harmless.
-AutoConfig.register(FotfDeepLabV3Config.model_type, FotfDeepLabV3Config, exist_ok=True)
-AutoConfig.register(FotfPSPNetConfig.model_type, FotfPSPNetConfig, exist_ok=True)
-AutoModelForSemanticSegmentation.register(FotfDeepLabV3Config, FotfDeepLabV3ForSemanticSegmentation, exist_ok=True)
-AutoModelForSemanticSegmentation.register(FotfPSPNetConfig, FotfPSPNetForSemanticSegmentation, exist_ok=True)
