@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python benchmarks/metrics_speed.py
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/latency.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
