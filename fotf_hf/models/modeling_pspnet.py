@@ -20,9 +20,33 @@ from transformers import AutoConfig, AutoModelForSemanticSegmentation
 from .configuration_fotf import FotfPSPNetConfig
 from .modeling_cirkd import FotfPreTrainedModel, conv_bn_relu
 
-__all__ = ["FotfPSPNetForSemanticSegmentation", "PSPHead", "PSP_BINS"]
+__all__ = ["FotfPSPNetForSemanticSegmentation", "PSPHead", "PSP_BINS", "adaptive_avg_pool2d"]
 
 PSP_BINS = (1, 2, 3, 6)
+
+
+def _pooling_matrix(length, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """`(bins, length)` matrix averaging PyTorch's adaptive-pooling windows `floor(i L / n) .. ceil((i+1) L / n)`."""
+    position = torch.arange(length, device=like.device)
+    i = torch.arange(bins, device=like.device)
+    start = torch.div(i * length, bins, rounding_mode="floor")
+    end = torch.div((i + 1) * length + bins - 1, bins, rounding_mode="floor")
+    inside = ((position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])).to(like.dtype)
+    return inside / inside.sum(dim=1, keepdim=True)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """`F.adaptive_avg_pool2d(x, bins)`, `(B, C, H, W)` -> `(B, C, bins, bins)`.
+
+    While `torch.export` traces the model (ONNX export), the same averages are written as
+    `P_h @ x @ P_w^T`, whose pooling windows follow the input size: ONNX has no adaptive pooling, and
+    the exporter's own decomposition bakes the traced feature-map size into the graph. Eager runs
+    keep PyTorch's kernel, so logits stay identical to CIRKD's.
+    """
+    if bins == 1 or not torch.compiler.is_exporting():
+        return F.adaptive_avg_pool2d(x, bins)
+    height, width = x.shape[-2:]
+    return _pooling_matrix(height, bins, x) @ x @ _pooling_matrix(width, bins, x).transpose(0, 1)
 
 
 class PyramidPooling(nn.Module):
@@ -42,7 +66,7 @@ class PyramidPooling(nn.Module):
         size = x.shape[-2:]
         feats = [x]
         for bin_size, conv in zip(self.bins, (self.conv1, self.conv2, self.conv3, self.conv4)):
-            pooled = conv(F.adaptive_avg_pool2d(x, bin_size))
+            pooled = conv(adaptive_avg_pool2d(x, bin_size))
             feats.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=True))
         return torch.cat(feats, dim=1)
 
