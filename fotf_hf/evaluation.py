@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import UNCERTAINTY_ROWS, SegmentationMetrics
-from .models import SegmentationAdapter, eval_mode, module_device
+from .models import SegmentationAdapter, eval_mode, module_device, warn_if_no_image_processor
 from .viz import reliability_diagram
 
 logger = logging.getLogger(__name__)
@@ -322,6 +322,7 @@ def load_student(model: Union[str, os.PathLike, Any]):
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForSemanticSegmentation
 
+        warn_if_no_image_processor(model)  # folders of fotf-hf <= 0.1 still load; the warning says how to add one
         model = _own_memory(AutoModelForSemanticSegmentation.from_pretrained(str(model)))
     return SegmentationAdapter(model)
 

@@ -176,6 +176,18 @@ def _id2label_from_folder(folder: Optional[Path]) -> Optional[Dict[int, str]]:
         return None
 
 
+def _needs_remote_code(folder: Optional[Path]) -> bool:
+    """Whether the card shows `trust_remote_code=True`: a DeepLabV3 / PSPNet folder (or an unknown one).
+
+    A SegFormer student is a plain transformers model: its card shows the plain pipeline call.
+    """
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return True
+    return "auto_map" in config or str(config.get("model_type", "")).startswith("fotf_")
+
+
 def _describe_evaluation(evaluation: Optional[Mapping[str, Any]]) -> str:
     evaluation = dict(evaluation or {})
     scales = evaluation.get("scales") or [1.0]
@@ -209,6 +221,7 @@ def build_model_card(
     evaluation: Optional[Mapping[str, Any]] = None,
     template_path: Optional[Union[str, os.PathLike]] = None,
     all_evaluations: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    remote_code: bool = True,
 ):
     """Render the student's `huggingface_hub.ModelCard` (nothing is written).
 
@@ -226,6 +239,9 @@ def build_model_card(
         template_path: Jinja template (default `default_template_path()`).
         all_evaluations: `metrics.json["evaluations"]` (`{key: {settings, metrics}}`): every split and
             setting the model was scored with, listed in one table (None = only `metrics`).
+        remote_code: the usage snippets show `trust_remote_code=True` (the model code travels with
+            the weights, DeepLabV3 / PSPNet) next to `import fotf_hf`; False: a plain transformers
+            model (SegFormer).
 
     Returns:
         `huggingface_hub.ModelCard`; `card.data.eval_results` holds `mean_iou`, `ece`, `accuracy`.
@@ -298,6 +314,7 @@ def build_model_card(
         fotf=_fotf_rows(fotf),
         command=command or "# not recorded",
         license_text=lic["text"],
+        remote_code=remote_code,
     )
 
 
@@ -322,8 +339,9 @@ def write_model_card(
     """Write the card to `out_dir/README.md` atomically (temporary file + rename); returns the path.
 
     Same arguments as `build_model_card`, with these defaults from the folder: `id2label` from
-    `out_dir/config.json`, `model_name` the folder's name, and, when no `command` is given but
-    the folder holds the run's resolved `fotf_config.yaml`, the command that re-runs it.
+    `out_dir/config.json`, `model_name` the folder's name, `remote_code` from the config's model
+    type, and, when no `command` is given but the folder holds the run's resolved
+    `fotf_config.yaml`, the command that re-runs it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,6 +354,7 @@ def write_model_card(
         base_model=base_model, id2label=id2label,
         model_name=model_name or out.resolve().name or "fotf-student",
         repo_id=repo_id, evaluation=evaluation, template_path=template_path, all_evaluations=all_evaluations,
+        remote_code=_needs_remote_code(out),
     )
     path = out / "README.md"
     tmp = out / ".tmp_README.md"
@@ -396,6 +415,8 @@ def push_to_hub(
         api: an `HfApi`-like object (tests inject a fake); default `HfApi(token=token)`.
         commit_message: the commit's title.
         ignore_patterns: left out of the upload (checkpoints, temporary folders, tracker logs).
+            Everything else goes up, including `preprocessor_config.json` and the `*.py` model code
+            that `write_inference_files` puts next to the weights.
 
     Returns:
         what `upload_folder` returns (a `CommitInfo` for the real API).

@@ -27,6 +27,7 @@ import torch
 
 from .configuration_fotf import FotfDeepLabV3Config, FotfPSPNetConfig
 from .factory import RESNET_BACKBONES, create_model
+from .remote_code import write_inference_files
 
 __all__ = [
     "ConversionReport",
@@ -311,7 +312,9 @@ def convert_cirkd_checkpoint(
     """Load a CIRKD `.pth`, convert it (`convert_cirkd_state_dict`) and `save_pretrained` it to `output_dir`.
 
     The folder then loads with `AutoModelForSemanticSegmentation.from_pretrained(output_dir)` after
-    `import fotf_hf`, or with `create_model(arch, backbone, num_labels, pretrained=output_dir)`.
+    `import fotf_hf`, or with `create_model(arch, backbone, num_labels, pretrained=output_dir)`; it
+    also holds the `cirkd_bgr` image processor and the remote code (`write_inference_files`), so
+    `pipeline("image-segmentation", model=output_dir, trust_remote_code=True)` works without fotf-hf.
     """
     state_dict = load_cirkd_state_dict(path)
     model, report = convert_cirkd_state_dict(
@@ -319,4 +322,5 @@ def convert_cirkd_checkpoint(
         mc_dropout_p=mc_dropout_p, **overrides,
     )
     model.save_pretrained(str(output_dir))
+    write_inference_files(output_dir)
     return report

@@ -18,7 +18,6 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
 from .configuration_fotf import FotfDeepLabV3Config
 from .modeling_cirkd import FotfPreTrainedModel, conv_bn_relu
@@ -121,9 +120,3 @@ class FotfDeepLabV3ForSemanticSegmentation(FotfPreTrainedModel):
     def _build_head(self, config: FotfDeepLabV3Config, in_channels: int) -> nn.Module:
         return DeepLabHead(in_channels, config.num_labels, config.head_width, config.aspp_dropout_prob,
                            config.classifier_dropout_prob)
-
-
-# Registration: after `import fotf_hf`, `AutoConfig` / `AutoModelForSemanticSegmentation`
-# `.from_pretrained(folder)` resolve `fotf_deeplabv3`. exist_ok: re-imports stay harmless.
-AutoConfig.register(FotfDeepLabV3Config.model_type, FotfDeepLabV3Config, exist_ok=True)
-AutoModelForSemanticSegmentation.register(FotfDeepLabV3Config, FotfDeepLabV3ForSemanticSegmentation, exist_ok=True)

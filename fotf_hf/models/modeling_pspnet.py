@@ -15,7 +15,6 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
 from .configuration_fotf import FotfPSPNetConfig
 from .modeling_cirkd import FotfPreTrainedModel, conv_bn_relu
@@ -110,9 +109,3 @@ class FotfPSPNetForSemanticSegmentation(FotfPreTrainedModel):
 
     def _build_head(self, config: FotfPSPNetConfig, in_channels: int) -> nn.Module:
         return PSPHead(in_channels, config.num_labels, config.head_width, config.classifier_dropout_prob)
-
-
-# Registration: after `import fotf_hf`, `AutoConfig` / `AutoModelForSemanticSegmentation`
-# `.from_pretrained(folder)` resolve `fotf_pspnet`. exist_ok: re-imports stay harmless.
-AutoConfig.register(FotfPSPNetConfig.model_type, FotfPSPNetConfig, exist_ok=True)
-AutoModelForSemanticSegmentation.register(FotfPSPNetConfig, FotfPSPNetForSemanticSegmentation, exist_ok=True)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..hub import push_to_hub, write_model_card
+from ..models.remote_code import write_inference_files
 from ..viz import reliability_diagram, write_uncertainty_panels
 from .checkpoint import publish_files, write_json
 
@@ -51,6 +52,8 @@ def finish(cfg, accelerator, student, teacher, metrics, state, info, wall_second
         if tmp.exists():
             shutil.rmtree(tmp)
         student.model.save_pretrained(tmp)
+        # Image processor (the run's normalisation and eval resize) + remote code: pipeline-ready folder.
+        write_inference_files(tmp, normalization=cfg.data.normalization, size=cfg.data.eval_size)
         publish_files(tmp, out_dir)
         write_json(out_dir / "metrics.json", result)
         if "reliability" in metrics:
