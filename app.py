@@ -1,6 +1,6 @@
 """Gradio demo: a student's segmentation and its Monte-Carlo-dropout uncertainty, beside a teacher's.
 
-    python app.py --model outputs/demo [--teacher TEACHER_DIR] [--port 7860]
+    python app.py --model outputs/demo/kd_fotf [--teacher TEACHER_DIR] [--port 7860]
 
 Pick a model folder or Hub id and an image (CamVid test images from `$FOTF_CAMVID_ROOT/test/` as
 examples, or an upload). The page shows the student's prediction, its MC-dropout sigma (the
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import fotf_hf  # noqa: E402,F401  (registers the FOTF model classes with the Auto* factories)
 from fotf_hf.data import BadSampleError, decode_image, normalize_image  # noqa: E402
 from fotf_hf.data.info import CAMVID_CLASSES, CAMVID_PALETTE  # noqa: E402
-from fotf_hf.evaluation import _predict, load_student  # noqa: E402
+from fotf_hf.evaluation import load_student, predict  # noqa: E402
 from fotf_hf.models import eval_mode  # noqa: E402
 from fotf_hf.viz import colorize, palette_for  # noqa: E402
 
@@ -70,7 +70,7 @@ def _pixel_values(rgb: np.ndarray, model) -> torch.Tensor:
     return torch.from_numpy(normalize_image(rgb, normalization))[None]
 
 
-def predict(model, rgb: np.ndarray, mc_samples: int = 0) -> Tuple[np.ndarray, Optional[np.ndarray], float]:
+def segment(model, rgb: np.ndarray, mc_samples: int = 0) -> Tuple[np.ndarray, Optional[np.ndarray], float]:
     """`(colourised prediction (H, W, 3), sigma (H, W) or None, milliseconds)` of one RGB image.
 
     `mc_samples = 0`: the deterministic prediction; `T >= 2`: the MC-dropout predictive mean and
@@ -80,7 +80,7 @@ def predict(model, rgb: np.ndarray, mc_samples: int = 0) -> Tuple[np.ndarray, Op
     generator = torch.Generator().manual_seed(0)  # the same image and T give the same sigma map
     start = time.perf_counter()
     with eval_mode(model):
-        scores, _, sigma = _predict(model, x, rgb.shape[:2], False, (1.0,), mc_samples, generator)
+        scores, _, sigma = predict(model, x, rgb.shape[:2], mc_samples=mc_samples, generator=generator)
     elapsed_ms = 1000 * (time.perf_counter() - start)
     labels = scores[0].argmax(0).numpy()
     return colorize(labels, _palette(model.config)), None if sigma is None else sigma[0].numpy(), elapsed_ms
@@ -103,20 +103,20 @@ def run(model_name: str, teacher_name: str, image_path: Optional[str], mc_sample
         image.thumbnail((MAX_SIDE, MAX_SIDE))
         rgb = np.asarray(image)
         student = load_model(model_name.strip())
-        pred, _, pred_ms = predict(student, rgb)
-        _, sigma, mc_ms = predict(student, rgb, int(mc_samples))
+        pred, _, pred_ms = segment(student, rgb)
+        _, sigma, mc_ms = segment(student, rgb, int(mc_samples))
         status = (f"student: {pred_ms:.0f} ms prediction, {mc_ms:.0f} ms for T = {int(mc_samples)} "
                   f"MC-dropout passes (mean sigma {sigma.mean():.4f}); image {rgb.shape[1]} x {rgb.shape[0]}")
         teacher_pred = None
         if (teacher_name or "").strip():
-            teacher_pred, _, teacher_ms = predict(load_model(teacher_name.strip()), rgb)
+            teacher_pred, _, teacher_ms = segment(load_model(teacher_name.strip()), rgb)
             status += f"; teacher: {teacher_ms:.0f} ms"
         return pred, sigma_image(sigma), teacher_pred, status
     except (BadSampleError, ValueError) as exc:
         return None, None, None, f"Error: {exc}"
 
 
-def build_demo(model: str = "outputs/demo", teacher: str = "",
+def build_demo(model: str = "outputs/demo/kd_fotf", teacher: str = "",
                examples: Optional[List[str]] = None) -> gr.Blocks:
     """The demo page; `examples` default to `camvid_examples()`."""
     examples = camvid_examples() if examples is None else examples
@@ -146,7 +146,7 @@ def build_demo(model: str = "outputs/demo", teacher: str = "",
 def main(argv: Optional[List[str]] = None) -> None:
     """Command line: build the demo and serve it until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="outputs/demo", help="default student folder or Hub id")
+    parser.add_argument("--model", default="outputs/demo/kd_fotf", help="default student folder or Hub id")
     parser.add_argument("--teacher", default="", help="default teacher folder or Hub id (optional)")
     # None lets Gradio read GRADIO_SERVER_PORT / GRADIO_SERVER_NAME, which a Hugging Face Space sets.
     parser.add_argument("--port", type=int, default=None, help="default 7860")

@@ -16,12 +16,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import yaml
+from accelerate.data_loader import BatchSamplerShard, DataLoaderAdapter
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSemanticSegmentation
 
+from .config import load_config
+from .data import SegmentationTransform, build_dataset, create_dataloader
+from .hub import write_model_card
 from .metrics import UNCERTAINTY_ROWS, SegmentationMetrics
 from .models import SegmentationAdapter, eval_mode, module_device, warn_if_no_image_processor
 from .viz import reliability_diagram
@@ -34,6 +42,7 @@ __all__ = [
     "format_metrics_table",
     "load_student",
     "parse_key_values",
+    "predict",
     "run_evaluation",
 ]
 
@@ -42,8 +51,6 @@ __all__ = [
 
 
 def _is_prepared(loader) -> bool:
-    from accelerate.data_loader import DataLoaderAdapter
-
     return isinstance(loader, DataLoaderAdapter)
 
 
@@ -54,9 +61,6 @@ def _shard_without_padding(loader, num_processes: int, process_index: int):
     the single-process loader yields (same composition, nothing duplicated); a process may get one
     batch fewer than another, or none.
     """
-    from accelerate.data_loader import BatchSamplerShard
-    from torch.utils.data import DataLoader
-
     if loader.batch_sampler is None:
         raise ValueError("multi-process evaluation needs a batched DataLoader (batch_size set, not None)")
     shard = BatchSamplerShard(
@@ -94,19 +98,29 @@ def _upsample(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _predict(
+def predict(
     student,
     pixel_values: torch.Tensor,
     size: Tuple[int, int],
-    flip: bool,
-    scales: Tuple[float, ...],
-    mc_samples: int,
-    generator: Optional[torch.Generator],
+    flip: bool = False,
+    scales: Tuple[float, ...] = (1.0,),
+    mc_samples: int = 0,
+    generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, bool, Optional[torch.Tensor]]:
-    """`(B, C, H, W)` fp32 logits averaged over views, or MC-dropout mean probabilities; `is_probs`;
-    and with MC dropout the per-pixel uncertainty `(B, H, W)`: the standard deviation over the T
-    passes (population, so within [0, 0.5]) of the probability of the class the mean predicts,
-    averaged over views like the prediction (else None)."""
+    """What the evaluation scores for one batch (the app and the processor tests reuse it).
+
+    Args:
+        student: a `SegmentationAdapter` (in eval mode for a deterministic prediction).
+        pixel_values: `(B, 3, h, w)` normalised images; `size`: `(H, W)` of the label maps.
+        flip, scales: test-time views (horizontal flip, rescaled inputs), averaged.
+        mc_samples: T >= 2 for T exact MC-dropout passes (0: one deterministic pass).
+
+    Returns:
+        `(B, C, H, W)` fp32 logits averaged over views, or MC-dropout mean probabilities; `is_probs`;
+        and with MC dropout the per-pixel uncertainty `(B, H, W)`: the standard deviation over the T
+        passes (population, so within [0, 0.5]) of the probability of the class the mean predicts,
+        averaged over views like the prediction (else None).
+    """
     total, total_sigma = None, None
     for scale in scales:
         x = pixel_values
@@ -261,7 +275,7 @@ def evaluate_model(
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             size = tuple(labels.shape[-2:])
-            pred, is_probs, sigma = _predict(student, pixel_values, size, flip, scales, mc_samples, generator)
+            pred, is_probs, sigma = predict(student, pixel_values, size, flip, scales, mc_samples, generator)
             if gather:
                 gathered = accelerator.gather_for_metrics(_per_sample_states(metrics, pred, labels, is_probs, sigma))
                 metrics.load_state_tensors({name: t.sum(0) for name, t in gathered.items()}, add=True)
@@ -277,8 +291,6 @@ def evaluate_model(
 
 def parse_key_values(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     """`["num_val=8", "image_size=[64, 96]"]` -> `{"num_val": 8, "image_size": [64, 96]}` (YAML values)."""
-    import yaml
-
     out: Dict[str, Any] = {}
     for item in items or ():
         key, sep, value = item.partition("=")
@@ -320,8 +332,6 @@ def load_student(model: Union[str, os.PathLike, Any]):
         return model
 
     if isinstance(model, (str, os.PathLike)):
-        from transformers import AutoModelForSemanticSegmentation
-
         warn_if_no_image_processor(model)  # folders of fotf-hf <= 0.1 still load; the warning says how to add one
         model = _own_memory(AutoModelForSemanticSegmentation.from_pretrained(str(model)))
     return SegmentationAdapter(model)
@@ -359,10 +369,6 @@ def _training_record(folder: Optional[Path]) -> Dict[str, Any]:
     """What the training loop left in a model folder: method, teacher, FOTF, steps, base model."""
     if folder is None or not (folder / "fotf_config.yaml").is_file():
         return {}
-    from dataclasses import asdict
-
-    from .config import load_config
-
     try:
         cfg = load_config(folder / "fotf_config.yaml")
     except Exception as exc:  # a hand-edited or older config must not block the evaluation
@@ -441,8 +447,6 @@ def run_evaluation(
     Returns:
         the `evaluate_model` metrics dict.
     """
-    from .data import SegmentationTransform, build_dataset, create_dataloader
-
     model_dir = Path(model) if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() else None
     if output_dir is None:
         if model_dir is None:
@@ -487,8 +491,6 @@ def run_evaluation(
     if main and print_table:
         print(format_metrics_table(metrics, id2label))
     if main and write_outputs:
-        from .hub import write_model_card
-
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         settings = {

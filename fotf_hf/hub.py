@@ -25,6 +25,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
+
 from .metrics import UNCERTAINTY_ROWS
 
 __all__ = [
@@ -86,8 +88,6 @@ def _local_card_license(name: Optional[str]) -> Optional[Dict[str, Optional[str]
     """The licence fields of a local model folder's own card (a teacher trained here), if it has one."""
     if not name or not (Path(name) / "README.md").is_file():
         return None
-    from huggingface_hub import ModelCard
-
     try:
         data = ModelCard.load(Path(name) / "README.md").data
     except Exception:  # an unparsable card says nothing about the licence
@@ -246,8 +246,6 @@ def build_model_card(
     Returns:
         `huggingface_hub.ModelCard`; `card.data.eval_results` holds `mean_iou`, `ece`, `accuracy`.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     bins = len(metrics["reliability"]["count"]) if "reliability" in metrics else 10
     shared = dict(task_type="image-segmentation", task_name="Semantic Segmentation",
                   dataset_type=dataset_name, dataset_name=dataset_name, dataset_split=split)
@@ -375,8 +373,6 @@ def _redact(text: str, token: Optional[str]) -> str:
     """`text` with the token passed, the environment's and the stored login's, and token-shaped strings masked."""
     secrets = {token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}
     try:
-        from huggingface_hub import get_token
-
         secrets.add(get_token())  # what HfApi sends when token=None
     except Exception:  # a broken login store must not hide the upload error itself
         pass
@@ -433,8 +429,6 @@ def push_to_hub(
     ignore_patterns = list(ignore_patterns)
     try:
         if api is None:
-            from huggingface_hub import HfApi
-
             api = HfApi(token=token)
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         target = getattr(url, "repo_id", None) or repo_id
@@ -446,8 +440,6 @@ def push_to_hub(
         # Only the redacted text leaves this block: the raw exception (and its own chain) may quote the
         # request's Authorization header, so it is neither chained nor kept as __context__ (raised below).
         detail = _redact(f"{type(exc).__name__}: {exc}", token)
-    from huggingface_hub import constants
-
     hint = ""
     if constants.HF_HUB_OFFLINE:
         hint = (" HF_HUB_OFFLINE=1 is set: run the retry from a shell without it, on a machine with "

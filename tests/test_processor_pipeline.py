@@ -1,7 +1,7 @@
 """Image processors of saved students and `pipeline("image-segmentation")` on them.
 
 The expectations come from the evaluation path (`SegmentationTransform` for the input,
-`fotf_hf.evaluation._predict` for the prediction), never from the processor itself.
+`fotf_hf.evaluation.predict` for the prediction), never from the processor itself.
 """
 
 import json
@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor
 import fotf_hf  # noqa: F401  (registers the Auto classes)
 from fotf_hf.data import SegmentationTransform, build_dataset
 from fotf_hf.data.transforms import decode_image
-from fotf_hf.evaluation import _predict, load_student
+from fotf_hf.evaluation import predict, load_student
 from fotf_hf.models import FotfImageProcessor, create_model, write_inference_files
 
 TINY = {"backbone_base_width": 8, "head_channels": 16}
@@ -110,7 +110,7 @@ def test_processor_and_model_on_camvid_equal_the_evaluation_prediction(tmp_path,
     student = load_student(folder)
     pixel_values = transform_pixels(image, normalization, resize=size)[None]
     eval_size = tuple(pixel_values.shape[-2:])
-    logits, _, _ = _predict(student, pixel_values, eval_size, flip=False, scales=(1.0,), mc_samples=0, generator=None)
+    logits, _, _ = predict(student, pixel_values, eval_size, flip=False, scales=(1.0,), mc_samples=0, generator=None)
     expected = logits.argmax(1)[0]
 
     processor = AutoImageProcessor.from_pretrained(folder)
@@ -133,7 +133,7 @@ PIPELINE_CODE = textwrap.dedent(
     from transformers import pipeline
     import fotf_hf
     from fotf_hf.data.transforms import normalize_image
-    from fotf_hf.evaluation import _predict, load_student
+    from fotf_hf.evaluation import predict, load_student
 
     image = Image.open(sys.argv[1])
     report = {}
@@ -148,7 +148,7 @@ PIPELINE_CODE = textwrap.dedent(
                 logits = F.interpolate(student.model(pixel_values=x).logits, size=size, mode="bilinear",
                                        align_corners=False)
         else:  # ours: the evaluation's prediction
-            logits = _predict(student, x, size, False, (1.0,), 0, None)[0]
+            logits = predict(student, x, size, False, (1.0,), 0, None)[0]
         expected = logits.argmax(1)[0].numpy()
         names = student.model.config.id2label
         report[folder] = {
