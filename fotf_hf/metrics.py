@@ -187,7 +187,17 @@ def metrics_from_accumulators(
     total = cm.sum()
     if total <= 0:
         raise ValueError("no labelled pixel was accumulated (every label was ignore_index, or no update ran)")
+    return {
+        **_class_metrics(cm),
+        **_calibration_metrics(count, correct, conf_sum),
+        "num_pixels": int(total),
+        **_uncertainty_metrics(float(count.sum()), nll_sum, brier_sum, msp_hist, sigma_hist),
+    }
 
+
+def _class_metrics(cm: torch.Tensor) -> Dict[str, object]:
+    """IoU and accuracy entries of `metrics_from_accumulators` from a float64 `(C, C)` confusion
+    matrix (rows = ground truth) with at least one pixel."""
     tp = cm.diagonal()
     gt = cm.sum(1)
     pred = cm.sum(0)
@@ -195,9 +205,43 @@ def metrics_from_accumulators(
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     iou = torch.where(union > 0, tp / union.clamp_min(1), nan)
     acc = torch.where(gt > 0, tp / gt.clamp_min(1), nan)
-    n_bins = count.numel()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    scored = float(count.sum())  # pixels that came with probabilities (`update`)
+    return {
+        "mean_iou": float(iou.nanmean()),
+        "mean_iou_cirkd": float((tp / (union + CIRKD_EPS)).mean()),
+        "per_class_iou": iou.tolist(),
+        "pixel_accuracy": float(tp.sum() / cm.sum()),
+        "mean_accuracy": float(acc.nanmean()),
+        "per_class_accuracy": acc.tolist(),
+    }
+
+
+def _calibration_metrics(
+    count: torch.Tensor, correct: torch.Tensor, conf_sum: torch.Tensor
+) -> Dict[str, object]:
+    """`ece` and `reliability` from the float64 `(bins,)` per-bin pixel counts, correct pixels and
+    confidence sums."""
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    edges = torch.linspace(0, 1, count.numel() + 1, dtype=torch.float64)
+    return {
+        "ece": float((correct - conf_sum).abs().sum() / count.sum().clamp_min(1)),
+        "reliability": {
+            "accuracy": torch.where(count > 0, correct / count.clamp_min(1), nan).tolist(),
+            "confidence": torch.where(count > 0, conf_sum / count.clamp_min(1), nan).tolist(),
+            "count": [int(c) for c in count.tolist()],
+            "bin_edges": edges.tolist(),
+        },
+    }
+
+
+def _uncertainty_metrics(
+    scored: float,
+    nll_sum: Optional[torch.Tensor],
+    brier_sum: Optional[torch.Tensor],
+    msp_hist: Optional[torch.Tensor],
+    sigma_hist: Optional[torch.Tensor],
+) -> Dict[str, object]:
+    """`nll`, `brier` (means over the `scored` pixels that came with probabilities) and the
+    AUROC/AURC entries from the `(K, 2)` histograms; arguments as in `metrics_from_accumulators`."""
 
     def mean(value: Optional[torch.Tensor]) -> float:
         return float(value) / scored if value is not None and scored > 0 else math.nan
@@ -209,24 +253,10 @@ def metrics_from_accumulators(
             warnings.warn(
                 f"the uncertainty score covers {int(sigma_hist.sum())} of the {int(msp_hist.sum())} pixels "
                 "with probabilities (passed to some updates only): auroc_sigma/aurc_sigma cover those only",
-                stacklevel=2,
+                stacklevel=3,  # the caller of metrics_from_accumulators
             )
         auroc_sigma, aurc_sigma = binned_auroc_aurc(sigma_hist)
     return {
-        "mean_iou": float(iou.nanmean()),
-        "mean_iou_cirkd": float((tp / (union + CIRKD_EPS)).mean()),
-        "per_class_iou": iou.tolist(),
-        "pixel_accuracy": float(tp.sum() / total),
-        "mean_accuracy": float(acc.nanmean()),
-        "per_class_accuracy": acc.tolist(),
-        "ece": float((correct - conf_sum).abs().sum() / count.sum().clamp_min(1)),
-        "reliability": {
-            "accuracy": torch.where(count > 0, correct / count.clamp_min(1), nan).tolist(),
-            "confidence": torch.where(count > 0, conf_sum / count.clamp_min(1), nan).tolist(),
-            "count": [int(c) for c in count.tolist()],
-            "bin_edges": edges.tolist(),
-        },
-        "num_pixels": int(total),
         "nll": mean(nll_sum),
         "brier": mean(brier_sum),
         "auroc_msp": auroc_msp,
@@ -234,6 +264,38 @@ def metrics_from_accumulators(
         "auroc_sigma": auroc_sigma,
         "aurc_sigma": aurc_sigma,
     }
+
+
+def _probs_scores(x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Per-pixel `(conf, pred, nll, brier)`, each `(B, H, W)`, from fp32 class probabilities `x`
+    `(B, C, H, W)` and the `(B, 1, H, W)` int64 label ids `target`; NLL in nats."""
+    conf, pred = x.max(dim=1)
+    p_y = x.gather(1, target).squeeze(1)
+    nll = -p_y.clamp_min(torch.finfo(torch.float32).tiny).log()
+    others = x.scatter(1, target, 0.0)  # a copy: x may be the caller's tensor
+    brier = (1 - p_y).square() + others.square_().sum(dim=1)
+    return conf, pred, nll, brier
+
+
+def _logits_scores(x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Per-pixel `(conf, pred, nll, brier)`, each `(B, H, W)`, from fp32 logits `x` `(B, C, H, W)`
+    and the `(B, 1, H, W)` int64 label ids `target`, p = softmax(x); NLL in nats."""
+    # max softmax = 1 / sum_c exp(x_c - max): one exp pass, no normalised copy.
+    top, pred = x.max(dim=1)
+    e = (x - top.unsqueeze(1)).exp_()
+    total = e.sum(dim=1)
+    conf = total.reciprocal()
+    gap = top - x.gather(1, target).squeeze(1)  # max - x_y >= 0
+    # From here on e holds the other classes' terms only: their sum `rest` gives
+    # 1 - p_y = rest / total without the cancellation of 1 - p_y (or of
+    # sum_c p_c^2 - 2 p_y + 1), which would be fp32 noise for confident pixels.
+    e.scatter_(1, target, 0.0)
+    rest = e.sum(dim=1)
+    # -log p_y = log(total) + max - x_y (log-sum-exp); when y is the argmax, total =
+    # 1 + rest and log1p keeps the small NLL of confident correct pixels accurate.
+    nll = torch.where(gap == 0, rest.log1p(), total.log() + gap)
+    brier = (rest / total).square() + e.square_().sum(dim=1) / total.square()
+    return conf, pred, nll, brier
 
 
 class SegmentationMetrics:
@@ -423,6 +485,38 @@ class SegmentationMetrics:
                 f"{self.ignore_index}; remap them at load time"
             )
 
+    def _check_batch(
+        self, logits_or_probs: torch.Tensor, labels: torch.Tensor, uncertainty: Optional[torch.Tensor]
+    ) -> None:
+        """The shape/dtype checks of `update` (arguments as there), before anything is computed."""
+        if self._reduced:
+            raise RuntimeError("update() after reduce(): call reset() first to start a new evaluation")
+        if logits_or_probs.dim() != 4:
+            raise ValueError(f"logits_or_probs must be (B, C, h, w), got shape {tuple(logits_or_probs.shape)}")
+        if labels.dim() != 3:
+            raise ValueError(f"labels must be (B, H, W), got shape {tuple(labels.shape)}")
+        b, c = logits_or_probs.shape[:2]
+        if c != self.num_classes:
+            raise ValueError(f"logits_or_probs has {c} classes (dim 1), expected num_classes = {self.num_classes}")
+        if labels.shape[0] != b:
+            raise ValueError(f"batch sizes differ: logits_or_probs {b}, labels {labels.shape[0]}")
+        if not logits_or_probs.dtype.is_floating_point:
+            raise ValueError(f"logits_or_probs must be floating point, got dtype {logits_or_probs.dtype}")
+        if uncertainty is not None and (
+            uncertainty.dim() != 3 or uncertainty.shape[0] != b or not uncertainty.dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"uncertainty must be a float (B, H, W) or (B, h, w) map with B = {b}, got shape "
+                f"{tuple(uncertainty.shape)} and dtype {uncertainty.dtype}"
+            )
+
+    def _resize(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """`(B, C, h, w)` float -> `(B, C, H, W)` for `size = (H, W)`: bilinear with the constructor's
+        `align_corners`; `x` itself when it already has that size."""
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+        return x
+
     @torch.no_grad()
     def update(
         self,
@@ -444,26 +538,7 @@ class SegmentationMetrics:
                 sure (e.g. MC-dropout sigma), resized like the logits; gives `auroc_sigma` and
                 `aurc_sigma`, binned on [0, `uncertainty_max`].
         """
-        if self._reduced:
-            raise RuntimeError("update() after reduce(): call reset() first to start a new evaluation")
-        if logits_or_probs.dim() != 4:
-            raise ValueError(f"logits_or_probs must be (B, C, h, w), got shape {tuple(logits_or_probs.shape)}")
-        if labels.dim() != 3:
-            raise ValueError(f"labels must be (B, H, W), got shape {tuple(labels.shape)}")
-        b, c = logits_or_probs.shape[:2]
-        if c != self.num_classes:
-            raise ValueError(f"logits_or_probs has {c} classes (dim 1), expected num_classes = {self.num_classes}")
-        if labels.shape[0] != b:
-            raise ValueError(f"batch sizes differ: logits_or_probs {b}, labels {labels.shape[0]}")
-        if not logits_or_probs.dtype.is_floating_point:
-            raise ValueError(f"logits_or_probs must be floating point, got dtype {logits_or_probs.dtype}")
-        if uncertainty is not None and (
-            uncertainty.dim() != 3 or uncertainty.shape[0] != b or not uncertainty.dtype.is_floating_point
-        ):
-            raise ValueError(
-                f"uncertainty must be a float (B, H, W) or (B, h, w) map with B = {b}, got shape "
-                f"{tuple(uncertainty.shape)} and dtype {uncertainty.dtype}"
-            )
+        self._check_batch(logits_or_probs, labels, uncertainty)
         labels = labels.to(logits_or_probs.device)
         self._check_labels(labels)
         if self.confusion_matrix is None:
@@ -475,68 +550,55 @@ class SegmentationMetrics:
         target = torch.where(valid, labels, 0).unsqueeze(1)
         x = logits_or_probs.detach()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            if x.shape[-2:] != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
-            if is_probs:
-                conf, pred = x.max(dim=1)
-                p_y = x.gather(1, target).squeeze(1)
-                nll = -p_y.clamp_min(torch.finfo(torch.float32).tiny).log()
-                others = x.scatter(1, target, 0.0)  # a copy: x may be the caller's tensor
-                brier = (1 - p_y).square() + others.square_().sum(dim=1)
-            else:
-                # max softmax = 1 / sum_c exp(x_c - max): one exp pass, no normalised copy.
-                top, pred = x.max(dim=1)
-                e = (x - top.unsqueeze(1)).exp_()
-                total = e.sum(dim=1)
-                conf = total.reciprocal()
-                gap = top - x.gather(1, target).squeeze(1)  # max - x_y >= 0
-                # From here on e holds the other classes' terms only: their sum `rest` gives
-                # 1 - p_y = rest / total without the cancellation of 1 - p_y (or of
-                # sum_c p_c^2 - 2 p_y + 1), which would be fp32 noise for confident pixels.
-                e.scatter_(1, target, 0.0)
-                rest = e.sum(dim=1)
-                # -log p_y = log(total) + max - x_y (log-sum-exp); when y is the argmax, total =
-                # 1 + rest and log1p keeps the small NLL of confident correct pixels accurate.
-                nll = torch.where(gap == 0, rest.log1p(), total.log() + gap)
-                brier = (rest / total).square() + e.square_().sum(dim=1) / total.square()
+            x = self._resize(x.float(), size)
+            conf, pred, nll, brier = (_probs_scores if is_probs else _logits_scores)(x, target)
             if uncertainty is not None:
-                u = uncertainty.detach().to(x.device).float()
-                if u.shape[-2:] != size:
-                    u = F.interpolate(u.unsqueeze(1), size=size, mode="bilinear",
-                                      align_corners=self.align_corners).squeeze(1)
+                u = self._resize(uncertainty.detach().to(x.device).float().unsqueeze(1), size).squeeze(1)
 
-        num_c, bins, k = self.num_classes, self.ece_bins, self.uncertainty_bins
         lab = labels[valid]
         pred = pred[valid]
         # Binning in float64 so that c * bins never rounds across a bin edge.
         conf = conf[valid].double()
-        cm = torch.bincount(lab * num_c + pred, minlength=num_c * num_c).view(num_c, num_c)
-        bin_idx = (conf * bins).long().clamp_(0, bins - 1)
         correct = (pred == lab).long()
-        # One bincount gives both the per-bin count (sum over correct in {0, 1}) and the hits.
-        hits = torch.bincount(bin_idx * 2 + correct, minlength=2 * bins).view(bins, 2)
-        conf_sum = torch.bincount(bin_idx, weights=conf, minlength=bins)
-
-        def histogram(score: torch.Tensor, high: float) -> torch.Tensor:
-            """`(K, 2)` counts of (correct, wrong) pixels per bin of `score` on [0, high]."""
-            idx = (score * (k / high)).floor_().clamp_(0, k - 1).long()
-            return torch.bincount(idx * 2 + (1 - correct), minlength=2 * k).view(k, 2)
-
         if uncertainty is not None:
             u = u[valid].double()
             if not bool(torch.isfinite(u).all()):  # checked before any accumulator changes
                 raise ValueError("uncertainty contains NaN or inf at labelled pixels")
         dev = self.confusion_matrix.device
-        self.confusion_matrix += cm.to(dev)
+        self._add_confusion(lab, pred)
+        self._add_calibration(conf, correct)
+        self.nll_sum += nll[valid].double().sum().to(dev)
+        self.brier_sum += brier[valid].double().sum().to(dev)
+        self.msp_hist += self._error_histogram(1 - conf, 1.0, correct).to(dev)  # 1 - conf is exact in float64
+        if uncertainty is not None:
+            self.sigma_hist += self._error_histogram(u, self.uncertainty_max, correct).to(dev)
+
+    def _add_confusion(self, lab: torch.Tensor, pred: torch.Tensor) -> None:
+        """Add `(N,)` int64 labels / predicted class ids of labelled pixels to the confusion matrix
+        (one fused bincount of `label * C + prediction`)."""
+        num_c = self.num_classes
+        cm = torch.bincount(lab * num_c + pred, minlength=num_c * num_c).view(num_c, num_c)
+        self.confusion_matrix += cm.to(self.confusion_matrix.device)
+
+    def _add_calibration(self, conf: torch.Tensor, correct: torch.Tensor) -> None:
+        """Add `(N,)` float64 max-probability confidences in [0, 1] and `(N,)` int64 0/1 correctness
+        to the ECE bins (pixel count, correct pixels, confidence sum)."""
+        bins = self.ece_bins
+        bin_idx = (conf * bins).long().clamp_(0, bins - 1)
+        # One bincount gives both the per-bin count (sum over correct in {0, 1}) and the hits.
+        hits = torch.bincount(bin_idx * 2 + correct, minlength=2 * bins).view(bins, 2)
+        conf_sum = torch.bincount(bin_idx, weights=conf, minlength=bins)
+        dev = self.bin_count.device
         self.bin_count += hits.sum(1).to(dev)
         self.bin_correct += hits[:, 1].to(dev)
         self.bin_conf_sum += conf_sum.to(dev)
-        self.nll_sum += nll[valid].double().sum().to(dev)
-        self.brier_sum += brier[valid].double().sum().to(dev)
-        self.msp_hist += histogram(1 - conf, 1.0).to(dev)  # 1 - conf is exact in float64
-        if uncertainty is not None:
-            self.sigma_hist += histogram(u, self.uncertainty_max).to(dev)
+
+    def _error_histogram(self, score: torch.Tensor, high: float, correct: torch.Tensor) -> torch.Tensor:
+        """`(K, 2)` int64 counts of (correct, wrong) pixels per equal-width bin of the `(N,)` float64
+        `score` on [0, high] (values outside go to the end bins); `correct` `(N,)` int64 0/1."""
+        k = self.uncertainty_bins
+        idx = (score * (k / high)).floor_().clamp_(0, k - 1).long()
+        return torch.bincount(idx * 2 + (1 - correct), minlength=2 * k).view(k, 2)
 
     @torch.no_grad()
     def update_predictions(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
@@ -558,9 +620,7 @@ class SegmentationMetrics:
             raise ValueError(f"preds must be class ids in [0, {self.num_classes})")
         if self.confusion_matrix is None:
             self._init_state(self.device or preds.device)
-        num_c = self.num_classes
-        cm = torch.bincount(labels[valid] * num_c + pred, minlength=num_c * num_c).view(num_c, num_c)
-        self.confusion_matrix += cm.to(self.confusion_matrix.device)
+        self._add_confusion(labels[valid], pred)
 
     # ------------------------------------------------------------------ results
 

@@ -208,11 +208,9 @@ def write_uncertainty_panels(
     fotf, from_run = _panel_fotf(fotf, student)
     c = fotf.config
     device = torch.device(device) if device is not None else module_device(student)
-    num_classes = int(student.num_labels)
-    palette = palette_for(num_classes, info)
+    palette = palette_for(int(student.num_labels), info)
     ignore_index = getattr(info, "ignore_index", 255)
     ignore_color = getattr(info, "ignore_color", (0, 0, 0))
-    weight_name = "(1+m*sigma)^kappa" if c.weighting == "power" else "exp(kappa*m*sigma)"
     rate = "model's own p" if c.p is None else f"p={c.p:g}"
 
     if indices is None:
@@ -223,44 +221,71 @@ def write_uncertainty_panels(
     with eval_mode(student):
         for k, i in enumerate(indices):
             sample = eval_set[int(i)]
-            x = torch.as_tensor(sample["pixel_values"]).unsqueeze(0).to(device)
             labels = torch.as_tensor(sample["labels"])
             size = tuple(labels.shape[-2:])
-            out = student(x)
-            result = fotf(student, out, pixel_values=x, generator=generator)
-            weight, term = _weight_map(result)
-            with torch.autocast(device_type=device.type, enabled=False):
-                logits = F.interpolate(out.logits.float(), size=size, mode="bilinear", align_corners=True)
-                pred = logits.argmax(1)[0].cpu().numpy()
-                sigma_map = F.interpolate(result.sigma.mean(1, keepdim=True), size=size, mode="bilinear",
-                                          align_corners=True)
-                weight_map = F.interpolate(weight, size=size, mode="bilinear", align_corners=True)
-            merge = c.merge_ce if term == "CE" else c.merge_kd
-            weight_title = (f"FOTF {term} weight {weight_name}\nm={c.m:g}, kappa={c.kappa:g}, {merge}" if from_run
-                            else f"weight {weight_name}\nFOTF off: m=1, kappa=1, {merge}")
-
-            h, w = size
-            fig, axes = plt.subplots(1, 5, figsize=(5 * panel_width, panel_width * h / w + 0.8))
-            image = denormalize(sample["pixel_values"], normalization)
+            pixel_values = sample["pixel_values"]
+            pred, sigma, weight, term = _panel_maps(student, fotf, pixel_values, size, device, generator)
             shown = [
-                (image, "image", {}),
+                (denormalize(pixel_values, normalization), "image", {}),
                 (colorize(labels.numpy(), palette, ignore_index, ignore_color), "ground truth", {}),
                 (colorize(pred, palette, ignore_index, ignore_color), "prediction", {}),
-                (sigma_map[0, 0].cpu().numpy(),
-                 f"student sigma (mean over classes)\nT={c.num_samples}, {c.mode}, {rate}",
+                (sigma, f"student sigma (mean over classes)\nT={c.num_samples}, {c.mode}, {rate}",
                  {"cmap": "magma", "vmin": 0.0}),
-                (weight_map[0, 0].cpu().numpy(), weight_title, {"cmap": "viridis", "vmin": 1.0}),
+                (weight, _weight_title(c, term, from_run), {"cmap": "viridis", "vmin": 1.0}),
             ]
-            for ax, (array, title, kwargs) in zip(axes, shown):
-                im = ax.imshow(array, interpolation="nearest", **kwargs)
-                ax.set_title(title, fontsize=7)
-                ax.axis("off")
-                if kwargs:
-                    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-            fig.suptitle(f"step {step}, validation image {i}", fontsize=8)
-            fig.subplots_adjust(left=0.01, right=0.97, bottom=0.02, top=0.78, wspace=0.15)
+            fig = _panel_row(shown, f"step {step}, validation image {i}", size, panel_width)
             paths.append(_save_atomic(fig, out_dir / f"step_{int(step):07d}_{k:02d}.png", dpi))
     return paths
+
+
+def _panel_maps(student, fotf, pixel_values, size: Tuple[int, int], device: torch.device, generator):
+    """The student's prediction and FOTF maps for one image, upsampled to the label size `(H, W)`.
+
+    Args:
+        pixel_values: `(3, H', W')` normalised image (tensor or array).
+        size: `(H, W)` of the labels.
+
+    Returns:
+        `(pred, sigma, weight, term)`: `(H, W)` numpy arrays of the argmax class ids, of sigma
+        averaged over classes and of the CE (else KD) weight averaged over classes (both bilinear
+        from the logit resolution), and the weight's term, "CE" or "KD".
+    """
+    x = torch.as_tensor(pixel_values).unsqueeze(0).to(device)
+    out = student(x)
+    result = fotf(student, out, pixel_values=x, generator=generator)
+    weight, term = _weight_map(result)
+    with torch.autocast(device_type=device.type, enabled=False):
+        logits = F.interpolate(out.logits.float(), size=size, mode="bilinear", align_corners=True)
+        pred = logits.argmax(1)[0].cpu().numpy()
+        sigma_map = F.interpolate(result.sigma.mean(1, keepdim=True), size=size, mode="bilinear",
+                                  align_corners=True)
+        weight_map = F.interpolate(weight, size=size, mode="bilinear", align_corners=True)
+    return pred, sigma_map[0, 0].cpu().numpy(), weight_map[0, 0].cpu().numpy(), term
+
+
+def _weight_title(c, term: str, from_run: bool) -> str:
+    """Title of the weight panel: the weighting formula with the run's m, kappa and merge rule."""
+    weight_name = "(1+m*sigma)^kappa" if c.weighting == "power" else "exp(kappa*m*sigma)"
+    merge = c.merge_ce if term == "CE" else c.merge_kd
+    if from_run:
+        return f"FOTF {term} weight {weight_name}\nm={c.m:g}, kappa={c.kappa:g}, {merge}"
+    return f"weight {weight_name}\nFOTF off: m=1, kappa=1, {merge}"
+
+
+def _panel_row(shown, title: str, size: Tuple[int, int], panel_width: float):
+    """A figure with one row of panels, `panel_width` inches each, for images of `size = (H, W)`:
+    `shown` holds `(array, title, imshow kwargs)`; panels with kwargs (the scalar maps) get a colour bar."""
+    h, w = size
+    fig, axes = plt.subplots(1, len(shown), figsize=(len(shown) * panel_width, panel_width * h / w + 0.8))
+    for ax, (array, panel_title, kwargs) in zip(axes, shown):
+        im = ax.imshow(array, interpolation="nearest", **kwargs)
+        ax.set_title(panel_title, fontsize=7)
+        ax.axis("off")
+        if kwargs:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.97, bottom=0.02, top=0.78, wspace=0.15)
+    return fig
 
 
 # --------------------------------------------------------------------------- t-SNE

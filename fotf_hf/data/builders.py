@@ -285,33 +285,8 @@ def build_hub(
     if path is None:
         raise ValueError("dataset 'hub' needs path=<Hub id, builder name or local folder> (or root=)")
     local = Path(str(path)).expanduser()
-    if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
-        loaded = datasets.load_from_disk(str(local))
-    else:
-        loaded = datasets.load_dataset(
-            str(path), name, data_dir=data_dir, data_files=data_files, revision=revision, cache_dir=cache_dir
-        )
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
-    renamed = {}
-    for split, ds in loaded.items():
-        alias = _SPLIT_ALIASES.get(split)
-        renamed[alias if alias and alias not in loaded else split] = ds
-    loaded = datasets.DatasetDict(renamed)
-
-    for split, ds in loaded.items():
-        missing = [c for c in (image_column, label_column) if c not in ds.column_names]
-        if missing:
-            raise ValueError(
-                f"dataset {path!r} split {split!r} has no column(s) {', '.join(map(repr, missing))}; it has: "
-                f"{', '.join(ds.column_names)} (set options image_column= / label_column=)"
-            )
-        for column in (image_column, label_column):
-            if not isinstance(ds.features[column], datasets.Image):
-                raise ValueError(
-                    f"dataset {path!r} column {column!r} is {ds.features[column]!r}, not an image; a segmentation "
-                    "dataset needs datasets.Image() columns for both the image and the class-id mask"
-                )
+    loaded = _load_hub_splits(path, local, name, data_dir, data_files, revision, cache_dir)
+    _check_image_columns(loaded, path, image_column, label_column)
 
     if "validation" not in loaded and val_fraction is not None:
         if not 0 < val_fraction < 1 or "train" not in loaded:
@@ -335,6 +310,42 @@ def build_hub(
     info = DatasetInfo(name=dataset_name or str(path), num_labels=len(id2label), id2label=id2label,
                        palette=None if palette is None else np.asarray(palette, dtype=np.uint8))
     return datasets.DatasetDict(out), info
+
+
+def _load_hub_splits(path, local: Path, name, data_dir, data_files, revision,
+                     cache_dir) -> datasets.DatasetDict:
+    """`load_from_disk` for a `save_to_disk` folder, else `load_dataset`; a lone `Dataset` becomes the
+    `train` split, and `val` / `valid` / `eval` are renamed `validation` unless that name is taken."""
+    if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(local))
+    else:
+        loaded = datasets.load_dataset(
+            str(path), name, data_dir=data_dir, data_files=data_files, revision=revision, cache_dir=cache_dir
+        )
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    renamed = {}
+    for split, ds in loaded.items():
+        alias = _SPLIT_ALIASES.get(split)
+        renamed[alias if alias and alias not in loaded else split] = ds
+    return datasets.DatasetDict(renamed)
+
+
+def _check_image_columns(loaded: datasets.DatasetDict, path, image_column: str, label_column: str) -> None:
+    """Every split has both columns, and both are `datasets.Image` features."""
+    for split, ds in loaded.items():
+        missing = [c for c in (image_column, label_column) if c not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"dataset {path!r} split {split!r} has no column(s) {', '.join(map(repr, missing))}; it has: "
+                f"{', '.join(ds.column_names)} (set options image_column= / label_column=)"
+            )
+        for column in (image_column, label_column):
+            if not isinstance(ds.features[column], datasets.Image):
+                raise ValueError(
+                    f"dataset {path!r} column {column!r} is {ds.features[column]!r}, not an image; a segmentation "
+                    "dataset needs datasets.Image() columns for both the image and the class-id mask"
+                )
 
 
 def _hub_label_map(label_map, ignore_value) -> Optional[str]:

@@ -81,14 +81,7 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
         load_checkpoint(accelerator, checkpoint, state, scheduler)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     if accelerator.is_main_process:  # the config is written only once it has built a run
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "fotf_config.yaml")
-        _start_log_history(out_dir / LOG_HISTORY_FILE, None if checkpoint is None else state.step)
-        if cfg.run.report_to:
-            # TensorBoard's hparams take scalars only: lists and None go in as their text.
-            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                       for k, v in flatten_config(cfg.to_dict()).items()}
-            accelerator.init_trackers("fotf", config=hparams)
+        _start_outputs(cfg, accelerator, out_dir, None if checkpoint is None else state.step)
 
     batches = _batches(cfg, accelerator, train_loader, train_set, state.step)
     inner = lambda: accelerator.unwrap_model(module)  # noqa: E731
@@ -99,21 +92,7 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
     module.train()
     while state.step < cfg.optim.max_steps:
         step_start = time.perf_counter()
-        for _ in range(cfg.optim.grad_accum_steps):
-            pixel_values, labels = (batch := next(batches))["pixel_values"], batch["labels"]
-            with accelerator.accumulate(module):
-                with torch.no_grad(), accelerator.autocast():
-                    teacher_out = None if teacher is None else teacher(pixel_values)
-                with accelerator.autocast():
-                    out = module(pixel_values, labels, teacher_out=teacher_out, teacher=teacher)
-                terms = {name: value.float() for name, value in out.terms.items()}
-                accelerator.backward(sum(terms.values()))
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(module.parameters(), cfg.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running.add(terms, out.fotf_stats)
-            guard.observe_loss(terms, out.fotf_stats)
+        _optimizer_step(cfg, accelerator, module, teacher, optimizer, batches, running, guard)
         scheduler.step()
         state.step += 1
         guard.observe_state(state.step)
@@ -142,6 +121,39 @@ def train(cfg: ExperimentConfig, accelerator: Optional[Accelerator] = None) -> D
                     wall_before + time.perf_counter() - start)
     accelerator.end_training()
     return {**result, "step_times_s": step_times}  # per-step times (no evaluation or saving)
+
+
+def _start_outputs(cfg, accelerator, out_dir: Path, resumed_step: Optional[int]) -> None:
+    """Main process, once the run is built: the resolved `fotf_config.yaml`, `log_history.jsonl`
+    (truncated to `resumed_step` on resume) and the trackers."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "fotf_config.yaml")
+    _start_log_history(out_dir / LOG_HISTORY_FILE, resumed_step)
+    if cfg.run.report_to:
+        # TensorBoard's hparams take scalars only: lists and None go in as their text.
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in flatten_config(cfg.to_dict()).items()}
+        accelerator.init_trackers("fotf", config=hparams)
+
+
+def _optimizer_step(cfg, accelerator, module, teacher, optimizer, batches, running, guard) -> None:
+    """One optimiser step over `grad_accum_steps` micro-batches. The loss terms only go into
+    `running` and `guard`, which keep them on the device: nothing here waits for the GPU."""
+    for _ in range(cfg.optim.grad_accum_steps):
+        pixel_values, labels = (batch := next(batches))["pixel_values"], batch["labels"]
+        with accelerator.accumulate(module):
+            with torch.no_grad(), accelerator.autocast():
+                teacher_out = None if teacher is None else teacher(pixel_values)
+            with accelerator.autocast():
+                out = module(pixel_values, labels, teacher_out=teacher_out, teacher=teacher)
+            terms = {name: value.float() for name, value in out.terms.items()}
+            accelerator.backward(sum(terms.values()))
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(module.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        running.add(terms, out.fotf_stats)
+        guard.observe_loss(terms, out.fotf_stats)
 
 
 def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
