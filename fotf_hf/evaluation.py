@@ -226,21 +226,7 @@ def evaluate_model(
         `aurc_sigma` (the MC standard deviation of the predicted class; else None). Identical on
         every process.
 
-    Exactness with several processes. A loader that Accelerate prepared with `even_batches=True`
-    (the default) pads the last round with repeated samples, which would be counted twice. We
-    therefore do not let it pad:
-
-    - plain map-style loader (what the training loop passes): each process iterates whole batches
-      `rank, rank + W, ...` of the same loader (`BatchSamplerShard(even_batches=False)`), so no
-      sample is repeated, and the `C*C + 3*bins` accumulator numbers are summed once at the end
-      (`SegmentationMetrics.reduce`). No per-pixel traffic, no collective per batch, and a loader
-      we build here is never registered with the accelerator (it would be saved in checkpoints).
-    - loader already prepared with padding (`even_batches=True`, or dispatched batches): the
-      per-sample accumulators of each batch, `(B, C*C + 3*bins)` numbers, go through
-      `accelerator.gather_for_metrics`, which drops the padded duplicates; every process adds the
-      gathered sums. Still no per-pixel traffic, but one gather per batch.
-    - loader prepared with `even_batches=False`: already unpadded; summed at the end as above.
-
+    Exact with several processes: no padded sample is counted twice (how: `_process_share`).
     Integer counts make mIoU and accuracies bit-identical to a one-process run; the ECE's float64
     confidence sums differ only by summation order (~1e-16). This assumes every process computes
     the same logits for an image: weights left memory-mapped by `from_pretrained` do not (see
@@ -257,6 +243,30 @@ def evaluate_model(
     metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index, ece_bins=ece_bins, device=device)
 
     world = 1 if accelerator is None else int(accelerator.num_processes)
+    loader, gather = _process_share(loader, accelerator, world)
+    _score_batches(student, loader, metrics, device, accelerator, gather, flip, scales, mc_samples, generator)
+    if world > 1 and not gather:
+        metrics.reduce(accelerator)
+    return metrics.compute()
+
+
+def _process_share(loader, accelerator, world: int) -> Tuple[Any, bool]:
+    """What this process iterates, and whether each batch's accumulators must go through a gather.
+
+    A loader that Accelerate prepared with `even_batches=True` (the default) pads the last round
+    with repeated samples, which would be counted twice. We therefore do not let it pad:
+
+    - plain map-style loader (what the training loop passes): each process iterates whole batches
+      `rank, rank + W, ...` of the same loader (`BatchSamplerShard(even_batches=False)`), so no
+      sample is repeated, and the `C*C + 3*bins` accumulator numbers are summed once at the end
+      (`SegmentationMetrics.reduce`). No per-pixel traffic, no collective per batch, and a loader
+      we build here is never registered with the accelerator (it would be saved in checkpoints).
+    - loader already prepared with padding (`even_batches=True`, or dispatched batches): the
+      per-sample accumulators of each batch, `(B, C*C + 3*bins)` numbers, go through
+      `accelerator.gather_for_metrics`, which drops the padded duplicates; every process adds the
+      gathered sums. Still no per-pixel traffic, but one gather per batch.
+    - loader prepared with `even_batches=False`: already unpadded; summed at the end as above.
+    """
     gather = False
     if world > 1:
         if _is_prepared(loader):
@@ -269,7 +279,15 @@ def evaluate_model(
             )
         else:
             loader = _shard_without_padding(loader, world, int(accelerator.process_index))
+    return loader, gather
 
+
+def _score_batches(
+    student, loader, metrics: SegmentationMetrics, device, accelerator, gather: bool, flip: bool,
+    scales: Tuple[float, ...], mc_samples: int, generator: Optional[torch.Generator],
+) -> None:
+    """Predict every batch of `loader` (eval mode, no grad) and add it to `metrics`; `gather`: via
+    `accelerator.gather_for_metrics`."""
     with eval_mode(student), torch.no_grad():
         for batch in loader:
             pixel_values = batch["pixel_values"].to(device, non_blocking=True)
@@ -281,9 +299,6 @@ def evaluate_model(
                 metrics.load_state_tensors({name: t.sum(0) for name, t in gathered.items()}, add=True)
             else:
                 metrics.update(pred, labels, is_probs=is_probs, uncertainty=sigma)
-    if world > 1 and not gather:
-        metrics.reduce(accelerator)
-    return metrics.compute()
 
 
 # --------------------------------------------------------------------------- run_evaluation
@@ -447,41 +462,15 @@ def run_evaluation(
     Returns:
         the `evaluate_model` metrics dict.
     """
-    model_dir = Path(model) if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() else None
-    if output_dir is None:
-        if model_dir is None:
-            if write_outputs:
-                raise ValueError("output_dir is required unless model is a local folder")
-        else:
-            output_dir = model_dir
+    model_dir, output_dir = _output_folder(model, output_dir, write_outputs)
     student = load_student(model)
     config = getattr(getattr(student, "model", None), "config", None)
     if normalization is None:
         normalization = getattr(config, "image_normalization", None) or "imagenet"
 
-    datasets, info = build_dataset(dataset, root=root, **dict(dataset_options or {}))
-    if split not in datasets:
-        raise ValueError(f"dataset {dataset!r} has no split {split!r}; it has: {', '.join(datasets)}")
-    if int(student.num_labels) != info.num_labels:
-        raise ValueError(
-            f"the model predicts {student.num_labels} classes but {dataset!r} has {info.num_labels}: "
-            "evaluate it on the dataset it was trained for"
-        )
-    # The labels being scored are the dataset's, so its class names label the table and the card.
-    id2label = dict(info.id2label)
-    model_names = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
     main = accelerator is None or accelerator.is_main_process
-    if main and model_names and model_names != id2label:
-        logger.warning("the model's id2label %s differs from the dataset's %s; scoring class ids as they are",
-                       model_names, id2label)
-    transform = SegmentationTransform(
-        train=False,
-        num_labels=info.num_labels,
-        resize=None if eval_size is None else tuple(eval_size),
-        normalization=normalization,
-    )
-    loader = create_dataloader(datasets[split].with_transform(transform), batch_size=batch_size, train=False,
-                               num_workers=num_workers)
+    datasets, info, id2label = _checked_dataset(student, config, dataset, root, dataset_options, split, main)
+    loader = _eval_loader(datasets[split], info.num_labels, eval_size, normalization, batch_size, num_workers)
     if accelerator is not None:
         student.to(accelerator.device)
     scales = tuple(float(s) for s in scales)
@@ -499,33 +488,101 @@ def run_evaluation(
             "scales": list(scales), "mc_samples": mc_samples, "normalization": normalization,
             "eval_size": None if eval_size is None else list(eval_size),
         }
-        record: Dict[str, Any] = {}
-        if (out / "metrics.json").is_file():
-            try:
-                record = json.loads((out / "metrics.json").read_text())
-            except ValueError:
-                record = {}
-            if not isinstance(record, dict):
-                record = {}
-        record.setdefault("evaluations", {})[evaluation_key(settings)] = {"settings": settings, "metrics": metrics}
-        _write_json_atomic(out / "metrics.json", record)
-        rel = metrics["reliability"]
-        reliability_diagram(rel["accuracy"], rel["confidence"], rel["count"], metrics["ece"],
-                            out / "reliability.png")
-        trained = _training_record(model_dir)
-        write_model_card(
-            out,
-            metrics=metrics,
-            dataset_name=dataset,
-            split=split,
-            method=trained.get("method"),
-            teacher=trained.get("teacher"),
-            fotf=trained.get("fotf"),
-            steps=trained.get("steps"),
-            command=trained.get("command"),
-            base_model=trained.get("base_model"),
-            id2label=id2label,
-            evaluation=settings,
-            all_evaluations=record["evaluations"],
-        )
+        _write_outputs(out, settings, metrics, model_dir, id2label)
     return metrics
+
+
+def _output_folder(
+    model: Union[str, os.PathLike, Any], output_dir: Optional[Union[str, os.PathLike]], write_outputs: bool
+) -> Tuple[Optional[Path], Optional[Union[str, os.PathLike, Path]]]:
+    """`(model_dir, output_dir)`: the model's local folder (or None), and where to write (default: it)."""
+    model_dir = Path(model) if isinstance(model, (str, os.PathLike)) and Path(model).is_dir() else None
+    if output_dir is None:
+        if model_dir is None:
+            if write_outputs:
+                raise ValueError("output_dir is required unless model is a local folder")
+        else:
+            output_dir = model_dir
+    return model_dir, output_dir
+
+
+def _checked_dataset(
+    student, config, dataset: str, root: Optional[str], dataset_options: Optional[Mapping[str, Any]],
+    split: str, main: bool,
+) -> Tuple[Mapping[str, Any], Any, Dict[int, str]]:
+    """`build_dataset`'s `(datasets, info)`, checked to have `split` and the student's class count, and
+    the dataset's `id2label` (warns on the main process when the model names the classes differently)."""
+    datasets, info = build_dataset(dataset, root=root, **dict(dataset_options or {}))
+    if split not in datasets:
+        raise ValueError(f"dataset {dataset!r} has no split {split!r}; it has: {', '.join(datasets)}")
+    if int(student.num_labels) != info.num_labels:
+        raise ValueError(
+            f"the model predicts {student.num_labels} classes but {dataset!r} has {info.num_labels}: "
+            "evaluate it on the dataset it was trained for"
+        )
+    # The labels being scored are the dataset's, so its class names label the table and the card.
+    id2label = dict(info.id2label)
+    model_names = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
+    if main and model_names and model_names != id2label:
+        logger.warning("the model's id2label %s differs from the dataset's %s; scoring class ids as they are",
+                       model_names, id2label)
+    return datasets, info, id2label
+
+
+def _eval_loader(
+    data, num_labels: int, eval_size: Optional[Sequence[int]], normalization: str, batch_size: int,
+    num_workers: int,
+) -> DataLoader:
+    """The evaluation `DataLoader` of one split: eval transform (resize, `normalization`), no shuffling."""
+    transform = SegmentationTransform(
+        train=False,
+        num_labels=num_labels,
+        resize=None if eval_size is None else tuple(eval_size),
+        normalization=normalization,
+    )
+    return create_dataloader(data.with_transform(transform), batch_size=batch_size, train=False,
+                             num_workers=num_workers)
+
+
+def _write_outputs(
+    out: Path, settings: Dict[str, Any], metrics: Dict[str, Any], model_dir: Optional[Path],
+    id2label: Dict[int, str],
+) -> None:
+    """Merge the results into `out/metrics.json`, then write `reliability.png` and the card `README.md`."""
+    evaluations = _add_to_metrics_json(out / "metrics.json", settings, metrics)
+    rel = metrics["reliability"]
+    reliability_diagram(rel["accuracy"], rel["confidence"], rel["count"], metrics["ece"],
+                        out / "reliability.png")
+    trained = _training_record(model_dir)
+    write_model_card(
+        out,
+        metrics=metrics,
+        dataset_name=settings["dataset"],
+        split=settings["split"],
+        method=trained.get("method"),
+        teacher=trained.get("teacher"),
+        fotf=trained.get("fotf"),
+        steps=trained.get("steps"),
+        command=trained.get("command"),
+        base_model=trained.get("base_model"),
+        id2label=id2label,
+        evaluation=settings,
+        all_evaluations=evaluations,
+    )
+
+
+def _add_to_metrics_json(path: Path, settings: Dict[str, Any], metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Add one `"evaluations"` entry (`evaluation_key(settings)`) to the record at `path`, keeping what it
+    held (a record that is not a JSON object is replaced); returns the record's `"evaluations"`."""
+    record: Dict[str, Any] = {}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            record = {}
+        if not isinstance(record, dict):
+            record = {}
+    entry = {"settings": settings, "metrics": metrics}
+    record.setdefault("evaluations", {})[evaluation_key(settings)] = entry
+    _write_json_atomic(path, record)
+    return record["evaluations"]

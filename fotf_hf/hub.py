@@ -247,43 +247,13 @@ def build_model_card(
         `huggingface_hub.ModelCard`; `card.data.eval_results` holds `mean_iou`, `ece`, `accuracy`.
     """
     bins = len(metrics["reliability"]["count"]) if "reliability" in metrics else 10
-    shared = dict(task_type="image-segmentation", task_name="Semantic Segmentation",
-                  dataset_type=dataset_name, dataset_name=dataset_name, dataset_split=split)
-    eval_results = [
-        EvalResult(metric_type="mean_iou", metric_name="mIoU", metric_value=float(metrics["mean_iou"]),
-                   **shared),
-        EvalResult(metric_type="ece", metric_name="ECE", metric_value=float(metrics["ece"]),
-                   metric_config=f"{bins}-bins", metric_args={"n_bins": bins}, **shared),
-    ]
-    if metrics.get("pixel_accuracy") is not None:
-        eval_results.append(EvalResult(metric_type="accuracy", metric_name="pixel accuracy",
-                                       metric_value=float(metrics["pixel_accuracy"]), **shared))
+    eval_results = _eval_results(metrics, dataset_name, split, bins)
     lic = card_license(teacher, base_model)
-    tags = ["image-segmentation", "semantic-segmentation", "knowledge-distillation", "fotf"]
-    if method:
-        tags.append(str(method))
-    data = ModelCardData(
-        model_name=model_name,
-        license=lic["license"],
-        license_name=lic["license_name"],
-        license_link=lic["license_link"],
-        library_name="transformers",
-        pipeline_tag="image-segmentation",
-        tags=tags,
-        base_model=base_model if _is_hub_id(base_model) else None,
-        datasets=[dataset_name] if _is_hub_id(dataset_name) else None,
-        metrics=["mean_iou", "ece"],
-        eval_results=eval_results,
-    )
+    data = _card_data(model_name, lic, method, base_model, dataset_name, eval_results)
     names = {int(k): str(v) for k, v in (id2label or {}).items()}
     per_class = [{"name": names.get(i, str(i)), "iou": _pct(v)}
                  for i, v in enumerate(metrics.get("per_class_iou", []))]
-    results = [
-        {"name": "mIoU (%)", "value": _pct(metrics["mean_iou"])},
-        {"name": f"ECE (%, {bins} bins)", "value": _pct(metrics["ece"])},
-        {"name": "pixel accuracy (%)", "value": _pct(metrics.get("pixel_accuracy"))},
-        {"name": "mean class accuracy (%)", "value": _pct(metrics.get("mean_accuracy"))},
-    ] + [{"name": name, "value": fmt(metrics[key])} for key, name, fmt in UNCERTAINTY_ROWS if metrics.get(key) is not None]
+    results = _results_rows(metrics, bins)
     if teacher:
         kind = f"distilled from `{teacher}` with {method}"
     else:
@@ -300,11 +270,7 @@ def build_model_card(
         per_class=per_class,
         ece_bins=bins,
         evaluation=_describe_evaluation(evaluation),
-        all_evaluations=[
-            {"key": key, "split": e["settings"].get("split", "?"), "protocol": _describe_evaluation(e["settings"]).rsplit(", logits", 1)[0],
-             "miou": _pct(e["metrics"]["mean_iou"]), "ece": _pct(e["metrics"]["ece"])}
-            for key, e in sorted((all_evaluations or {}).items())
-        ],
+        all_evaluations=_all_evaluations_rows(all_evaluations),
         method=method or "not recorded",
         teacher=f"`{teacher}`" if teacher else "none",
         base_model=f"`{base_model}`" if base_model else "random initialisation",
@@ -314,6 +280,65 @@ def build_model_card(
         license_text=lic["text"],
         remote_code=remote_code,
     )
+
+
+def _eval_results(metrics: Mapping[str, Any], dataset_name: str, split: str, bins: int) -> List[EvalResult]:
+    """The card's `model-index` results: `mean_iou`, `ece` (`<bins>-bins`) and, when known, pixel accuracy."""
+    shared = dict(task_type="image-segmentation", task_name="Semantic Segmentation",
+                  dataset_type=dataset_name, dataset_name=dataset_name, dataset_split=split)
+    eval_results = [
+        EvalResult(metric_type="mean_iou", metric_name="mIoU", metric_value=float(metrics["mean_iou"]),
+                   **shared),
+        EvalResult(metric_type="ece", metric_name="ECE", metric_value=float(metrics["ece"]),
+                   metric_config=f"{bins}-bins", metric_args={"n_bins": bins}, **shared),
+    ]
+    if metrics.get("pixel_accuracy") is not None:
+        eval_results.append(EvalResult(metric_type="accuracy", metric_name="pixel accuracy",
+                                       metric_value=float(metrics["pixel_accuracy"]), **shared))
+    return eval_results
+
+
+def _card_data(
+    model_name: str, lic: Mapping[str, Any], method: Optional[str], base_model: Optional[str],
+    dataset_name: str, eval_results: List[EvalResult],
+) -> ModelCardData:
+    """The card's metadata: licence, tags, base model and dataset (Hub ids only), model-index."""
+    tags = ["image-segmentation", "semantic-segmentation", "knowledge-distillation", "fotf"]
+    if method:
+        tags.append(str(method))
+    return ModelCardData(
+        model_name=model_name,
+        license=lic["license"],
+        license_name=lic["license_name"],
+        license_link=lic["license_link"],
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        tags=tags,
+        base_model=base_model if _is_hub_id(base_model) else None,
+        datasets=[dataset_name] if _is_hub_id(dataset_name) else None,
+        metrics=["mean_iou", "ece"],
+        eval_results=eval_results,
+    )
+
+
+def _results_rows(metrics: Mapping[str, Any], bins: int) -> List[Dict[str, str]]:
+    """The card's results table: mIoU, ECE, accuracies (%), then the uncertainty metrics that are known."""
+    return [
+        {"name": "mIoU (%)", "value": _pct(metrics["mean_iou"])},
+        {"name": f"ECE (%, {bins} bins)", "value": _pct(metrics["ece"])},
+        {"name": "pixel accuracy (%)", "value": _pct(metrics.get("pixel_accuracy"))},
+        {"name": "mean class accuracy (%)", "value": _pct(metrics.get("mean_accuracy"))},
+    ] + [{"name": name, "value": fmt(metrics[key])} for key, name, fmt in UNCERTAINTY_ROWS if metrics.get(key) is not None]
+
+
+def _all_evaluations_rows(all_evaluations: Optional[Mapping[str, Mapping[str, Any]]]) -> List[Dict[str, str]]:
+    """One row per `metrics.json["evaluations"]` entry, sorted by key: split, protocol, mIoU and ECE (%)."""
+    return [
+        {"key": key, "split": e["settings"].get("split", "?"),
+         "protocol": _describe_evaluation(e["settings"]).rsplit(", logits", 1)[0],
+         "miou": _pct(e["metrics"]["mean_iou"]), "ece": _pct(e["metrics"]["ece"])}
+        for key, e in sorted((all_evaluations or {}).items())
+    ]
 
 
 def write_model_card(

@@ -21,7 +21,7 @@ import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -212,8 +212,40 @@ def convert_cirkd_state_dict(
         raise ValueError(f"arch = {arch!r} cannot be converted from CIRKD; accepted: {sorted(_CLASSIFIER_KEY)}")
     if backbone not in RESNET_BACKBONES:
         raise ValueError(f"backbone = {backbone!r} is not one of {list(RESNET_BACKBONES)}")
-    depth = RESNET_BACKBONES[backbone]
     kind = detect_checkpoint_kind(state_dict)
+    state_dict, dropped = _segmentation_keys(state_dict, kind, arch, num_labels)
+    overrides.setdefault("backbone_base_width", _backbone_base_width(state_dict, backbone))
+
+    aux_head = overrides.pop("aux_head", None)
+    if kind == "segmentation":
+        _check_head_width(state_dict, arch, backbone, overrides)
+        num_labels = _classifier_num_labels(state_dict, arch, num_labels)
+        if aux_head is None:
+            aux_head = any(k.startswith("auxlayer.") for k in state_dict)
+    elif aux_head is None:
+        aux_head = True  # CIRKD trains every ResNet student with the aux head
+
+    overrides["image_normalization"] = "cirkd_bgr"
+    model = create_model(arch, backbone, num_labels=num_labels, id2label=id2label, mc_dropout_p=mc_dropout_p,
+                         aux_head=bool(aux_head), **overrides)
+    to_load, missing, unexpected = _load_matching(model, state_dict, arch, backbone, strict)
+    random_parts = sorted({k.split(".")[0] for k in missing})
+    report = ConversionReport(
+        kind=kind, arch=arch, backbone=backbone, num_labels=int(num_labels), aux_head=bool(aux_head),
+        backbone_base_width=int(model.config.backbone_base_width), loaded=len(to_load), missing_keys=missing,
+        unexpected_keys=unexpected, dropped_keys=dropped, randomly_initialized=random_parts,
+    )
+    return model, report
+
+
+def _segmentation_keys(
+    state_dict: Mapping[str, torch.Tensor], kind: str, arch: str, num_labels: Optional[int]
+) -> Tuple[Mapping[str, torch.Tensor], List[str]]:
+    """The state dict under our segmentation names, and the keys dropped on purpose (ImageNet `fc.*`).
+
+    An ImageNet backbone goes under `pretrained.` and needs `num_labels`; a segmentation checkpoint
+    is kept as is, after checking that its head is `arch`'s.
+    """
     dropped: List[str] = []
     if kind == "imagenet_backbone":
         dropped = sorted(k for k in state_dict if k.startswith("fc."))
@@ -224,38 +256,48 @@ def convert_cirkd_state_dict(
         found_arch = _infer_arch(state_dict)
         if found_arch is not None and found_arch != arch:
             raise ValueError(f"the checkpoint is a {found_arch} model (head keys), but arch = {arch!r} was requested")
+    return state_dict, dropped
 
+
+def _backbone_base_width(state_dict: Mapping[str, torch.Tensor], backbone: str) -> int:
+    """The stem's width (64 without a stem), after checking that the ResNet depth is `backbone`'s."""
+    depth = RESNET_BACKBONES[backbone]
     found_depth = _infer_depth(state_dict, "pretrained.")
     if found_depth is not None and found_depth != depth:
         what = f"resnet{found_depth}" if found_depth > 0 else "a ResNet layout we do not support (e.g. resnet34)"
         raise ValueError(f"the checkpoint's backbone is {what}, but backbone = {backbone!r} was requested")
     stem = state_dict.get("pretrained.conv1.weight")
-    base_width = int(stem.shape[0]) if stem is not None else 64
-    overrides.setdefault("backbone_base_width", base_width)
+    return int(stem.shape[0]) if stem is not None else 64
 
-    aux_head = overrides.pop("aux_head", None)
-    if kind == "segmentation":
-        _check_head_width(state_dict, arch, backbone, overrides)
-        classifier_bias = state_dict.get(f"{_CLASSIFIER_KEY[arch]}.bias")
-        if classifier_bias is not None:
-            found_labels = int(classifier_bias.shape[0])
-            if num_labels is None:
-                num_labels = found_labels
-            elif num_labels != found_labels:
-                raise ValueError(
-                    f"num_labels = {num_labels}, but the checkpoint's classifier {_CLASSIFIER_KEY[arch]}.bias has shape "
-                    f"{tuple(classifier_bias.shape)} ({found_labels} classes)"
-                )
+
+def _classifier_num_labels(
+    state_dict: Mapping[str, torch.Tensor], arch: str, num_labels: Optional[int]
+) -> int:
+    """`num_labels`, read from the classifier's bias when None, else checked against it."""
+    classifier_bias = state_dict.get(f"{_CLASSIFIER_KEY[arch]}.bias")
+    if classifier_bias is not None:
+        found_labels = int(classifier_bias.shape[0])
         if num_labels is None:
-            raise ValueError(f"cannot infer num_labels: the checkpoint has no {_CLASSIFIER_KEY[arch]}.bias; pass num_labels")
-        if aux_head is None:
-            aux_head = any(k.startswith("auxlayer.") for k in state_dict)
-    elif aux_head is None:
-        aux_head = True  # CIRKD trains every ResNet student with the aux head
+            num_labels = found_labels
+        elif num_labels != found_labels:
+            raise ValueError(
+                f"num_labels = {num_labels}, but the checkpoint's classifier {_CLASSIFIER_KEY[arch]}.bias "
+                f"has shape {tuple(classifier_bias.shape)} ({found_labels} classes)"
+            )
+    if num_labels is None:
+        raise ValueError(
+            f"cannot infer num_labels: the checkpoint has no {_CLASSIFIER_KEY[arch]}.bias; pass num_labels"
+        )
+    return num_labels
 
-    overrides["image_normalization"] = "cirkd_bgr"
-    model = create_model(arch, backbone, num_labels=num_labels, id2label=id2label, mc_dropout_p=mc_dropout_p,
-                         aux_head=bool(aux_head), **overrides)
+
+def _load_matching(
+    model, state_dict: Mapping[str, torch.Tensor], arch: str, backbone: str, strict: bool
+) -> Tuple[Dict[str, torch.Tensor], List[str], List[str]]:
+    """Copy the checkpoint's tensors into `model`; returns `(loaded, missing_keys, unexpected_keys)`.
+
+    Any shape mismatch is refused, and with `strict` any missing or unexpected key.
+    """
     own = model.state_dict()
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -272,13 +314,7 @@ def convert_cirkd_state_dict(
         raise ValueError(f"strict conversion: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
     to_load = {k: v for k, v in state_dict.items() if k in own}
     model.load_state_dict(to_load, strict=False)
-    random_parts = sorted({k.split(".")[0] for k in missing})
-    report = ConversionReport(
-        kind=kind, arch=arch, backbone=backbone, num_labels=int(num_labels), aux_head=bool(aux_head),
-        backbone_base_width=int(model.config.backbone_base_width), loaded=len(to_load), missing_keys=missing,
-        unexpected_keys=unexpected, dropped_keys=dropped, randomly_initialized=random_parts,
-    )
-    return model, report
+    return to_load, missing, unexpected
 
 
 def _check_head_width(state_dict, arch: str, backbone: str, overrides: Dict[str, Any]) -> None:
