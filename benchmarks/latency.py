@@ -283,6 +283,8 @@ def main(argv=None) -> int:
                         help="smoke settings: 64x128, batch 1 and 2, 1 warm-up + 2 timed forwards (explicit options win)")
     parser.add_argument("--flops-only", action="store_true", help="print the parameters / FLOPs table and stop")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per child process (default: none)")
+    parser.add_argument("--card_table", metavar="PATH",
+                        help="also write the pairs' latencies for model cards (fotf_hf/templates/latency.json)")
     parser.add_argument("--_child", dest="child", choices=["measure", "export"], help=argparse.SUPPRESS)
     parser.add_argument("--_model", dest="model", help=argparse.SUPPRESS)
     parser.add_argument("--_runtime", dest="runtime", help=argparse.SUPPRESS)
@@ -290,6 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument("--_batch", dest="batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_onnx", dest="onnx_path", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
     defaults = QUICK if args.quick else {"sizes": [(360, 480), (512, 1024)], "batches": [1, 8], "repeats": 5, "warmup": 1}
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -338,6 +341,8 @@ def main(argv=None) -> int:
     print(table)
     print()
     memory_method = next((r[rt]["memory_method"] for r in rows for rt in runtimes if rt in r), None)
+    if args.card_table:
+        write_card_table(args.card_table, args.pairs, rows, " ".join(["python", "benchmarks/latency.py", *argv_used]))
     print(json.dumps({
         "machine": describe_host(),
         "rows": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
@@ -354,6 +359,28 @@ def main(argv=None) -> int:
         },
     }))
     return 0
+
+
+def write_card_table(path, pairs, rows, command) -> None:
+    """The pairs' eager / onnxruntime latencies in the form `fotf_hf.hub.speed_rows` reads: each
+    student is named by `architecture_key`, so a card finds the rows of its own architecture."""
+    from fotf_hf.hub import architecture_key
+
+    index = {(r["model"], r["size"], r["batch"]): r for r in rows}
+    entries = []
+    for pair in pairs:
+        teacher, student = pair.split(":")
+        key = architecture_key(build_model(student, device="meta").config)
+        for (model, size, batch), t_row in index.items():
+            s_row = index.get((student, size, batch))
+            if model != teacher or s_row is None or not all(rt in t_row and rt in s_row for rt in RUNTIMES):
+                continue
+            entries.append({"teacher": MODELS[teacher][2], "student": MODELS[student][2], "student_key": key,
+                            "size": size, "batch": batch,
+                            "teacher_ms": {rt: round(t_row[rt]["latency_s"] * 1e3, 1) for rt in RUNTIMES},
+                            "student_ms": {rt: round(s_row[rt]["latency_s"] * 1e3, 1) for rt in RUNTIMES},
+                            "flops_ratio": round(s_row["flops_per_image"] / t_row["flops_per_image"], 4)})
+    Path(path).write_text(json.dumps({"machine": describe_host(), "command": command, "pairs": entries}, indent=1) + "\n")
 
 
 def _ort_version():

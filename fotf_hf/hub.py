@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
+from transformers import AutoConfig
 
 from .metrics import UNCERTAINTY_ROWS
 
@@ -188,6 +189,47 @@ def _needs_remote_code(folder: Optional[Path]) -> bool:
     return "auto_map" in config or str(config.get("model_type", "")).startswith("fotf_")
 
 
+# Written by `python benchmarks/latency.py --card_table ...`; ships with the package, as the template.
+LATENCY_TABLE = Path(__file__).resolve().parent / "templates" / "latency.json"
+
+
+def architecture_key(config) -> str:
+    """What fixes a segmentation model's inference cost, from its `PretrainedConfig`: e.g.
+    `fotf_deeplabv3/r18/w64/h128`, `segformer/d2-2-2-2/h32-64-160-256/dec256` (the number of
+    classes, which changes only the 1x1 classifier, is left out)."""
+    if config.model_type == "segformer":
+        return (f"segformer/d{'-'.join(map(str, config.depths))}/h{'-'.join(map(str, config.hidden_sizes))}"
+                f"/dec{config.decoder_hidden_size}")
+    return f"{config.model_type}/r{config.backbone_depth}/w{config.backbone_base_width}/h{config.head_width}"
+
+
+def speed_rows(folder: Optional[Path], table_path: Union[str, os.PathLike] = LATENCY_TABLE
+               ) -> Optional[Dict[str, Any]]:
+    """The card's "what the student buys" rows: every measured teacher -> student pair of the latency
+    benchmark whose student has the architecture of the model in `folder` (None when there is none).
+
+    Returns:
+        `{"machine": host line, "command": benchmark command, "rows": [{"teacher", "size", "batch",
+        "teacher_ms", "student_ms", "speedup", "flops_ratio"} (text cells)]}` or None.
+    """
+    try:
+        key = architecture_key(AutoConfig.from_pretrained(str(folder)))
+        table = json.loads(Path(table_path).read_text())
+    except (TypeError, OSError, ValueError, AttributeError):  # no folder / config / table: no speed section
+        return None
+    rows = []
+    for pair in table["pairs"]:
+        if pair["student_key"] != key:
+            continue
+        t, s = pair["teacher_ms"], pair["student_ms"]
+        rows.append({"teacher": pair["teacher"], "size": pair["size"], "batch": pair["batch"],
+                     "teacher_ms": f"{t['eager']:.0f} / {t['onnx']:.0f}",
+                     "student_ms": f"{s['eager']:.0f} / {s['onnx']:.0f}",
+                     "speedup": f"{t['eager'] / s['eager']:.2f}x / {t['onnx'] / s['onnx']:.2f}x",
+                     "flops_ratio": f"{pair['flops_ratio']:.3f}"})
+    return {"machine": table["machine"], "command": table["command"], "rows": rows} if rows else None
+
+
 def _describe_evaluation(evaluation: Optional[Mapping[str, Any]]) -> str:
     evaluation = dict(evaluation or {})
     scales = evaluation.get("scales") or [1.0]
@@ -222,6 +264,7 @@ def build_model_card(
     template_path: Optional[Union[str, os.PathLike]] = None,
     all_evaluations: Optional[Mapping[str, Mapping[str, Any]]] = None,
     remote_code: bool = True,
+    speed: Optional[Mapping[str, Any]] = None,
 ):
     """Render the student's `huggingface_hub.ModelCard` (nothing is written).
 
@@ -242,6 +285,7 @@ def build_model_card(
         remote_code: the usage snippets show `trust_remote_code=True` (the model code travels with
             the weights, DeepLabV3 / PSPNet) next to `import fotf_hf`; False: a plain transformers
             model (SegFormer).
+        speed: `speed_rows(folder)`: this architecture's latency next to its teachers' (None: none).
 
     Returns:
         `huggingface_hub.ModelCard`; `card.data.eval_results` holds `mean_iou`, `ece`, `accuracy`.
@@ -279,6 +323,7 @@ def build_model_card(
         command=command or "# not recorded",
         license_text=lic["text"],
         remote_code=remote_code,
+        speed=speed,
     )
 
 
@@ -377,7 +422,7 @@ def write_model_card(
         base_model=base_model, id2label=id2label,
         model_name=model_name or out.resolve().name or "fotf-student",
         repo_id=repo_id, evaluation=evaluation, template_path=template_path, all_evaluations=all_evaluations,
-        remote_code=_needs_remote_code(out),
+        remote_code=_needs_remote_code(out), speed=speed_rows(out),
     )
     path = out / "README.md"
     tmp = out / ".tmp_README.md"

@@ -319,3 +319,35 @@ def test_token_shaped_strings_are_masked_even_when_the_token_is_unknown(release_
     assert "opaque.jwt" not in printed and leaked not in printed
     assert "'Bearer ***'" in printed and "stored hf_***" in printed
     assert "hf upload me/x" in printed  # the retry command (`hf upload`) is not mistaken for a token
+
+
+def test_card_shows_the_latency_rows_of_its_own_architecture_only(tmp_path):
+    """A student folder finds the benchmark's rows for its architecture (whatever its classes); another
+    architecture, or no table, gives no speed section."""
+    import torch
+
+    from fotf_hf.hub import architecture_key, speed_rows
+    from fotf_hf.models import create_model
+
+    with torch.device("meta"):  # configs only: no weights are computed or written
+        r18 = create_model("deeplabv3", "resnet18", num_labels=11)
+        bench_r18 = create_model("deeplabv3", "resnet18", num_labels=19)
+        psp = create_model("pspnet", "resnet18", num_labels=11)
+    assert architecture_key(r18.config) == architecture_key(bench_r18.config) == "fotf_deeplabv3/r18/w64/h128"  # CIRKD R18 heads: 128 wide
+    assert architecture_key(psp.config) != architecture_key(r18.config)
+    table = tmp_path / "latency.json"
+    table.write_text(json.dumps({"machine": "test host", "command": "python benchmarks/latency.py", "pairs": [
+        {"teacher": "DeepLabV3-R101", "student": "DeepLabV3-R18", "student_key": architecture_key(bench_r18.config),
+         "size": "512x1024", "batch": 1, "teacher_ms": {"eager": 2000.0, "onnx": 1500.0},
+         "student_ms": {"eager": 500.0, "onnx": 300.0}, "flops_ratio": 0.2581}]}))
+    for folder, model in (("r18", r18), ("psp", psp)):
+        model.config.save_pretrained(tmp_path / folder)
+    speed = speed_rows(tmp_path / "r18", table)
+    assert speed["machine"] == "test host" and len(speed["rows"]) == 1
+    row = speed["rows"][0]
+    assert (row["teacher_ms"], row["student_ms"], row["speedup"]) == ("2000 / 1500", "500 / 300", "4.00x / 5.00x")
+    assert speed_rows(tmp_path / "psp", table) is None
+    assert speed_rows(tmp_path / "r18", tmp_path / "missing.json") is None
+    card = str(build_model_card(METRICS, "camvid", "test", speed=speed))
+    assert "| DeepLabV3-R101 | 512x1024 | 1 | 2000 / 1500 | 500 / 300 | 4.00x / 5.00x | 0.258 |" in card
+    assert "Speed: what the student buys" not in str(build_model_card(METRICS, "camvid", "test"))
