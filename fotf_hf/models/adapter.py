@@ -176,15 +176,7 @@ class SegmentationAdapter(nn.Module):
         loss = None
         if labels is not None:
             loss = self._loss(logits, features.aux_logits, labels)
-        return SegmentationModelOutput(
-            loss=loss,
-            logits=logits,
-            aux_logits=features.aux_logits,
-            embedding=embedding,
-            backbone_features=features.backbone_features,
-            head_input=features.head_input,
-            mc_input=features.mc_input,
-        )
+        return SegmentationModelOutput.from_features(features, logits, embedding, loss)
 
     def _loss(self, logits, aux_logits, labels) -> torch.Tensor:
         config = self.model.config

@@ -236,14 +236,5 @@ class FotfPreTrainedModel(PreTrainedModel):
             loss = segmentation_loss(
                 logits, labels, self.config.semantic_loss_ignore_index, features.aux_logits, self.config.aux_loss_weight
             )
-        output = SegmentationModelOutput(
-            loss=loss,
-            logits=logits,
-            aux_logits=features.aux_logits,
-            embedding=embedding,
-            backbone_features=features.backbone_features,
-            head_input=features.head_input,
-            mc_input=features.mc_input,
-            hidden_states=features.hidden_states,
-        )
+        output = SegmentationModelOutput.from_features(features, logits, embedding, loss)
         return output if return_dict else output.to_tuple()

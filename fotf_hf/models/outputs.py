@@ -63,3 +63,12 @@ class SegmentationModelOutput(ModelOutput):
     head_input: Optional[torch.FloatTensor] = None
     mc_input: Optional[torch.FloatTensor] = None
     hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+    @classmethod
+    def from_features(cls, features: SegmentationFeatures, logits: torch.Tensor, embedding: torch.Tensor,
+                      loss: Optional[torch.Tensor] = None) -> "SegmentationModelOutput":
+        """The output of a split forward: the head's `logits`, `embedding` (and `loss`) with the
+        fields `features` carries (aux logits, backbone features, both MC sites' inputs, hidden states)."""
+        return cls(loss=loss, logits=logits, embedding=embedding, aux_logits=features.aux_logits,
+                   backbone_features=features.backbone_features, head_input=features.head_input,
+                   mc_input=features.mc_input, hidden_states=features.hidden_states)
