@@ -1,0 +1,5 @@
+/work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/pretrain.yaml --run.output_dir outputs/camvid_v2/pretrain_r18
+/work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/teacher.yaml --run.output_dir outputs/camvid_v2/teacher --data.root ../shared/datasets/camvid
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/teacher --dataset camvid --root ../shared/datasets/camvid --split validation --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/teacher --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/kd.yaml --run.output_dir outputs/camvid_v2/kd/seed0 --data.root ../shared/datasets/camvid --run.seed 0
