@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
@@ -162,8 +163,14 @@ def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     # launch's PartialState would see a single process.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     out_dir = Path(cfg.run.output_dir)
+    precision = resolve_mixed_precision(cfg.run.mixed_precision, state.device, announce=state.print)
+    # One process may train several runs (a notebook, the tests); Accelerate keeps one mixed precision
+    # per process and refuses another, so a run with a different one starts from a fresh state.
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != precision:
+        AcceleratorState._reset_state()
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.run.mixed_precision, state.device, announce=state.print),
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
         log_with=cfg.run.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
