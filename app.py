@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers import AutoImageProcessor  # noqa: E402
 
 import fotf_hf  # noqa: E402,F401  (registers the FOTF model classes with the Auto* factories)
 from fotf_hf.data import BadSampleError, decode_image, normalize_image  # noqa: E402
@@ -48,13 +49,18 @@ def camvid_examples(root: Optional[str] = None) -> List[str]:
 
 @functools.lru_cache(maxsize=4)
 def load_model(name: str):
-    """A cached `SegmentationAdapter` (eval mode) for a model folder or Hub id; ValueError if not one."""
+    """A cached `(SegmentationAdapter in eval mode, image processor or None)` for a model folder or Hub
+    id; ValueError if it is not one."""
     try:
         model = load_student(name)
     except (OSError, ValueError, TypeError, KeyError) as exc:  # no/invalid config.json, unsupported class
         raise ValueError(
             f"{name!r} is not a segmentation model folder or Hub id this library supports ({exc})") from exc
-    return model.eval()
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):  # saved before folders carried a processor: normalise at native size
+        processor = None
+    return model.eval(), processor
 
 
 def _palette(config) -> np.ndarray:
@@ -65,18 +71,23 @@ def _palette(config) -> np.ndarray:
     return palette_for(config.num_labels)
 
 
-def _pixel_values(rgb: np.ndarray, model) -> torch.Tensor:
+def _pixel_values(rgb: np.ndarray, model, processor) -> torch.Tensor:
+    """`(1, 3, h, w)`: the folder's processor (the run's normalisation and evaluation size: a model
+    trained at 180x240 segments poorly at 360x480), else the config's normalisation at native size."""
+    if processor is not None:
+        return processor(images=rgb, return_tensors="pt")["pixel_values"]
     normalization = getattr(model.config, "image_normalization", None) or "imagenet"
     return torch.from_numpy(normalize_image(rgb, normalization))[None]
 
 
-def segment(model, rgb: np.ndarray, mc_samples: int = 0) -> Tuple[np.ndarray, Optional[np.ndarray], float]:
+def segment(model, processor, rgb: np.ndarray,
+            mc_samples: int = 0) -> Tuple[np.ndarray, Optional[np.ndarray], float]:
     """`(colourised prediction (H, W, 3), sigma (H, W) or None, milliseconds)` of one RGB image.
 
     `mc_samples = 0`: the deterministic prediction; `T >= 2`: the MC-dropout predictive mean and
     its sigma, both from `fotf_hf.evaluation` so the demo shows what the evaluation scores.
     """
-    x = _pixel_values(rgb, model)
+    x = _pixel_values(rgb, model, processor)
     generator = torch.Generator().manual_seed(0)  # the same image and T give the same sigma map
     start = time.perf_counter()
     with eval_mode(model):
@@ -103,13 +114,13 @@ def run(model_name: str, teacher_name: str, image_path: Optional[str], mc_sample
         image.thumbnail((MAX_SIDE, MAX_SIDE))
         rgb = np.asarray(image)
         student = load_model(model_name.strip())
-        pred, _, pred_ms = segment(student, rgb)
-        _, sigma, mc_ms = segment(student, rgb, int(mc_samples))
+        pred, _, pred_ms = segment(*student, rgb)
+        _, sigma, mc_ms = segment(*student, rgb, int(mc_samples))
         status = (f"student: {pred_ms:.0f} ms prediction, {mc_ms:.0f} ms for T = {int(mc_samples)} "
                   f"MC-dropout passes (mean sigma {sigma.mean():.4f}); image {rgb.shape[1]} x {rgb.shape[0]}")
         teacher_pred = None
         if (teacher_name or "").strip():
-            teacher_pred, _, teacher_ms = segment(load_model(teacher_name.strip()), rgb)
+            teacher_pred, _, teacher_ms = segment(*load_model(teacher_name.strip()), rgb)
             status += f"; teacher: {teacher_ms:.0f} ms"
         return pred, sigma_image(sigma), teacher_pred, status
     except (BadSampleError, ValueError) as exc:

@@ -24,7 +24,7 @@ from transformers import AutoModelForSemanticSegmentation
 
 import fotf_hf  # noqa: F401  (registers the FOTF model classes with the Auto* factories)
 from fotf_hf.data.info import CAMVID_CLASSES, CAMVID_PALETTE
-from fotf_hf.models import create_model
+from fotf_hf.models import create_model, write_inference_files
 
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
 sync_api = pytest.importorskip("playwright.sync_api",
@@ -79,10 +79,12 @@ def _expected_prediction(model_dir: Path, image_path: Path) -> np.ndarray:
 
 @pytest.fixture
 def server(tmp_path):
-    """`python app.py` on a free port, with a tiny random CamVid model as student and teacher."""
+    """`python app.py` on a free port, with a tiny random CamVid model as student and teacher (its folder
+    holds the image processor, at native size, as a released folder does)."""
     model_dir = tmp_path / "tiny"
     create_model("deeplabv3", "resnet18", num_labels=11, id2label=dict(enumerate(CAMVID_CLASSES)),
                  backbone_base_width=8, head_channels=16).save_pretrained(model_dir)
+    write_inference_files(model_dir)
     camvid = _example_root(tmp_path)
     port = _free_port()
     log = open(tmp_path / "app.log", "w")
