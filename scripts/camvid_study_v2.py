@@ -18,6 +18,12 @@ Stages (each resumable: a finished run is skipped, an interrupted one resumes fr
 5. `sweep`: KD + FOTF (faithful default) with seed 0 at each (kappa, m) of `SWEEP`, scored on val
    only (the choice is made there); `results/camvid_v2/sweep.md` lists each point's val mIoU next to
    the pilot's KD seed 0 and how strongly FOTF acted (the logged weight mean / p99 / max over training).
+6. `arms`: every arm of `ARMS` with the same seeds, scored on val and test, in `arm_queue()` order
+   (the KD vs KD + FOTF pairs first: more pairs beat more arms). The KD + FOTF arms use the sweep's
+   best val point. KD and KD + FOTF students are also scored with T = 5 MC-dropout passes on test
+   (AUROC of sigma for their errors, NLL, Brier, AURC) and measured by `scripts/fotf_mechanism.py`
+   (FOTF weights on boundary vs interior pixels) while their weights exist: only the small JSONs
+   are kept.
 
 Every command run is appended to `results/camvid_v2/commands.sh`, each run's output to
 `results/camvid_v2/logs/`, and each run's small artefacts (metrics.json, resolved config, card,
@@ -50,7 +56,20 @@ PILOT_SEEDS = (0, 1, 2)
 # The paper's CamVid tuple for DeepLabV3 vanilla KD + FOTF is (10, 10) and its grid kappa 1..10 x m
 # {1, 3, 10}; these points span it from mild to the paper's choice.
 SWEEP = ((3, 1), (10, 1), (10, 10))
-STAGES = ("pretrain", "init", "teacher", "pilot", "sweep")
+# arm -> (config, extra overrides); KD + FOTF arms add the chosen kappa/m. CE + FOTF uses the paper's
+# CamVid DeepLabV3 Baseline+FOTF tuple (3, 1) (appendix A.3.2): the sweep budget goes to KD + FOTF.
+ARMS = {
+    "kd": ("kd.yaml", []),
+    "kd_fotf": ("kd_fotf.yaml", []),
+    "ce": ("ce.yaml", []),
+    "ce_fotf": ("ce_fotf.yaml", ["--fotf.kappa", "3", "--fotf.m", "1"]),
+    "kd_fotf_other_merge": ("kd_fotf.yaml", ["--fotf.merge_kd", "per_class", "--fotf.merge_ce", "per_pixel"]),
+    "kd_fotf_classifier": ("kd_fotf.yaml", ["--fotf.mode", "classifier"]),
+}
+FIRST_SEEDS = range(5)  # every arm: at least 5 seed pairs per comparison
+MORE_PAIRS = range(5, 10)  # then KD vs KD + FOTF up to the pilot's 9 (and one spare)
+MC_SAMPLES = 5
+STAGES = ("pretrain", "init", "teacher", "pilot", "sweep", "arms")
 
 
 def run(cmd, log: Path, dry_run: bool) -> None:
@@ -83,10 +102,10 @@ def evaluations(folder: Path) -> dict:
     return {}
 
 
-def eval_key(split: str) -> str:
+def eval_key(split: str, mc_samples: int = 0) -> str:
     from fotf_hf.evaluation import evaluation_key
 
-    return evaluation_key({"split": split, "eval_size": list(EVAL_SIZE)})
+    return evaluation_key({"split": split, "eval_size": list(EVAL_SIZE), "mc_samples": mc_samples})
 
 
 def train(config: str, folder: Path, overrides, dry_run: bool) -> None:
@@ -120,7 +139,8 @@ def keep(folder: Path, weights: bool = False) -> None:
     results/camvid_v2/<run>/; a file is written under a temporary name and renamed into place."""
     dst = REPO / kept(folder)
     dst.mkdir(parents=True, exist_ok=True)
-    names = ("metrics.json", "fotf_config.yaml", "README.md", "reliability.png", "log_history.jsonl")
+    names = ("metrics.json", "fotf_config.yaml", "README.md", "reliability.png", "log_history.jsonl",
+             "mechanism_test.json")
     for name in names + (SHARED_WEIGHTS if weights else ()):
         if (REPO / folder / name).is_file():
             shutil.copy2(REPO / folder / name, dst / f".tmp_{name}")
@@ -227,6 +247,66 @@ def sweep_report() -> str:
     return "\n".join(lines) + "\n"
 
 
+def chosen_point() -> tuple:
+    """The sweep's `(kappa, m)` with the best val mIoU (seed 0); ValueError before the sweep ran."""
+    val = eval_key("validation")
+    scored = {(k, m): evaluations(fotf_folder(k, m, 0)).get(val) for k, m in SWEEP}
+    scored = {point: e["metrics"]["mean_iou"] for point, e in scored.items() if e}
+    if not scored:
+        raise ValueError("no sweep point is scored on val yet: run --stage sweep first")
+    return max(scored, key=scored.get)
+
+
+def arm_queue() -> list:
+    """`(arm, seed)` in the order they run: KD and KD + FOTF for the first seeds, the other arms for
+    the same seeds, then more KD / KD + FOTF pairs."""
+    queue = [(arm, s) for s in FIRST_SEEDS for arm in ("kd", "kd_fotf")]
+    queue += [(arm, s) for arm in ARMS if arm not in ("kd", "kd_fotf") for s in FIRST_SEEDS]
+    return queue + [(arm, s) for s in MORE_PAIRS for arm in ("kd", "kd_fotf")]
+
+
+def arm_folder(arm: str, seed: int, point: tuple) -> Path:
+    """Run folder of one arm and seed; KD + FOTF at the chosen point shares the sweep's folders, its
+    variants name the point too."""
+    if arm == "kd_fotf":
+        return fotf_folder(*point, seed)
+    if arm.startswith("kd_fotf"):
+        return OUT / f"{arm}_k{point[0]:g}_m{point[1]:g}" / f"seed{seed}"
+    return OUT / arm / f"seed{seed}"
+
+
+def measure_mechanism(folder: Path, point: tuple, camvid_root: str, dry_run: bool) -> None:
+    """T-pass MC evaluation on test (sigma's AUROC for errors, NLL, Brier, AURC) and the FOTF weights
+    on boundary vs interior pixels at `point`, each once; needs the run's weights (this session's)."""
+    log = RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log"
+    if dry_run or eval_key("test", MC_SAMPLES) not in evaluations(folder):
+        run([sys.executable, "scripts/evaluate.py", "--model", str(folder), "--dataset", "camvid", "--root", camvid_root,
+             "--split", "test", "--eval_size", *map(str, EVAL_SIZE), "--batch_size", "4",
+             "--mc_samples", str(MC_SAMPLES)], log, dry_run)
+    mechanism = folder / "mechanism_test.json"
+    if dry_run or not ((REPO / mechanism).is_file() or (REPO / kept(folder) / mechanism.name).is_file()):
+        run([sys.executable, "scripts/fotf_mechanism.py", "--model", str(folder), "--dataset", "camvid",
+             "--root", camvid_root, "--split", "test", "--eval_size", *map(str, EVAL_SIZE),
+             "--kappa", f"{point[0]:g}", "--m", f"{point[1]:g}", "--mc_samples", str(MC_SAMPLES)], log, dry_run)
+    if not dry_run:
+        keep(folder)
+
+
+def run_arms(root: list, camvid_root: str, dry_run: bool) -> None:
+    """Train and score every `(arm, seed)` of `arm_queue()` (finished ones are skipped)."""
+    point = (10, 1) if dry_run and not any(evaluations(fotf_folder(k, m, 0)) for k, m in SWEEP) else chosen_point()
+    print(f"[study] arms: KD + FOTF at kappa {point[0]:g}, m {point[1]:g} (best val mIoU of the sweep)", flush=True)
+    fotf_args = ["--fotf.kappa", f"{point[0]:g}", "--fotf.m", f"{point[1]:g}"]
+    for arm, seed in arm_queue():
+        config, extra = ARMS[arm]
+        folder = arm_folder(arm, seed, point)
+        overrides = [*root, "--run.seed", str(seed), *(fotf_args if config == "kd_fotf.yaml" else []), *extra]
+        train(config, folder, overrides, dry_run)
+        score(folder, camvid_root, dry_run)
+        if arm in ("kd", "kd_fotf"):
+            measure_mechanism(folder, point, camvid_root, dry_run)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=STAGES, default="pilot", help="run every stage up to this one")
@@ -269,6 +349,8 @@ def main(argv=None) -> int:
         if not args.dry_run:
             (REPO / RESULTS / "sweep.md").write_text(sweep_report())
             print((REPO / RESULTS / "sweep.md").read_text())
+    if "arms" in stages:
+        run_arms(root, args.camvid_root, args.dry_run)
     print(f"[study] finished {args.stage} in {(time.time() - start) / 60:.1f} min", flush=True)
     return 0
 
