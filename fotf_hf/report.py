@@ -18,8 +18,13 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import yaml
 
+from .fotf import FotfConfig
+
 __all__ = ["RunRecord", "load_run", "run_label", "summarize", "markdown_tables", "seed_differences",
-           "difference_table", "pairs_needed", "minimum_detectable_effect"]
+           "difference_table", "pairs_needed", "minimum_detectable_effect", "t_quantile", "paired_ci"]
+
+# Scalar uncertainty metrics of `SegmentationMetrics` a run's evaluation may hold (MC ones need T >= 2).
+UNCERTAINTY_METRICS = ("nll", "brier", "auroc_msp", "aurc_msp", "auroc_sigma", "aurc_sigma")
 
 
 @dataclass
@@ -51,12 +56,21 @@ class RunRecord:
 
 
 def run_label(config: Mapping) -> str:
-    """`<method>` or `<method> + FOTF (kappa K, m M)` from a resolved config dict."""
+    """`<method>` or `<method> + FOTF (kappa K, m M)` from a resolved config dict, with the sampling
+    mode and the merges appended where they differ from `FotfConfig`'s defaults (e.g.
+    `kd + FOTF (kappa 10, m 1, mode classifier)`), so that variants at one (kappa, m) stay apart."""
     method = config["method"]["name"]
     fotf = config.get("fotf") or {}
     if not fotf.get("enabled"):
         return method
-    return f"{method} + FOTF (kappa {fotf['kappa']:g}, m {fotf['m']:g})"
+    default = FotfConfig()
+    parts = [f"kappa {fotf['kappa']:g}", f"m {fotf['m']:g}"]
+    if fotf.get("mode", default.mode) != default.mode:
+        parts.append(f"mode {fotf['mode']}")
+    merges = (fotf.get("merge_kd", default.merge_kd), fotf.get("merge_ce", default.merge_ce))
+    if merges != (default.merge_kd, default.merge_ce):
+        parts.append(f"merges kd {merges[0]} / ce {merges[1]}")
+    return f"{method} + FOTF ({', '.join(parts)})"
 
 
 def load_run(folder: str | Path, evaluation: Optional[str] = None) -> Optional[RunRecord]:
@@ -94,6 +108,7 @@ def load_run(folder: str | Path, evaluation: Optional[str] = None) -> Optional[R
         wall_time_s=float(data["wall_time_s"]),
         steps=int(data["steps"]),
         source=source,
+        extra={k: float(metrics[k]) for k in UNCERTAINTY_METRICS if metrics.get(k) is not None},
     )
 
 
@@ -215,11 +230,45 @@ def minimum_detectable_effect(sd_diff: float, pairs: int, alpha: float = 0.05, p
     return (za + zb) * sd_diff / math.sqrt(pairs - za ** 2 / 2)
 
 
+def t_quantile(q: float, df: int) -> float:
+    """The `q`-quantile of Student's t with `df` degrees of freedom, for q in (0.5, 1): bisection on
+    its CDF, integrated from the density with Simpson's rule (error < 1e-6 for the CIs used here)."""
+    if not 0.5 < q < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < q < 1 and df >= 1, got q = {q}, df = {df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float, steps: int = 2000) -> float:
+        h = x / steps
+        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(steps + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < q:
+        low, high = high, 2 * high
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < q else (low, mid)
+    return (low + high) / 2
+
+
+def paired_ci(differences: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided t confidence interval `(low, high)` of the mean of seed-paired differences:
+    `mean +- t_{(1+level)/2, n-1} * sd / sqrt(n)`; NaNs below 2 pairs."""
+    n = len(differences)
+    if n < 2:
+        return float("nan"), float("nan")
+    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
+    half = t_quantile((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def difference_table(runs: Sequence[RunRecord], pairs: Sequence[tuple]) -> str:
     """Markdown: for each `(base, other)` label pair and metric, the seed-paired differences
-    (percentage points), their mean +- std, each group's seed std and Welch's t."""
-    lines = ["| comparison | metric | per-seed difference (pp) | mean +- std (pp) | seed std base / other (pp) | Welch t |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    (percentage points), their mean +- std, each group's seed std, Welch's t and the 95% t
+    confidence interval of the paired mean."""
+    lines = ["| comparison | metric | per-seed difference (pp) | mean +- std (pp) | seed std base / other (pp) | Welch t "
+             "| paired 95% CI (pp) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for base, other in pairs:
         for metric, name in (("mean_iou", "mIoU"), ("ece", "ECE")):
             d = seed_differences(runs, base, other, metric)
@@ -227,6 +276,8 @@ def difference_table(runs: Sequence[RunRecord], pairs: Sequence[tuple]) -> str:
             mean = "n/a" if math.isnan(d["mean"]) else f"{100 * d['mean']:+.2f}" + (
                 "" if math.isnan(d["std"]) else f" +- {100 * d['std']:.2f}")
             t = "n/a" if math.isnan(d["welch_t"]) else f"{d['welch_t']:+.2f}"
+            low, high = paired_ci(d["differences"])
+            ci = "n/a" if math.isnan(low) else f"[{100 * low:+.2f}, {100 * high:+.2f}]"
             lines.append(f"| {other} vs {base} | {name} | {per_seed} | {mean} | "
-                         f"{_pct(d['base_std'])} / {_pct(d['other_std'])} | {t} |")
+                         f"{_pct(d['base_std'])} / {_pct(d['other_std'])} | {t} | {ci} |")
     return "\n".join(lines) + "\n"

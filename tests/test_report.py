@@ -11,10 +11,12 @@ from fotf_hf.report import (
     load_run,
     markdown_tables,
     minimum_detectable_effect,
+    paired_ci,
     pairs_needed,
     run_label,
     seed_differences,
     summarize,
+    t_quantile,
 )
 
 
@@ -80,6 +82,7 @@ def test_seed_differences_pair_by_seed_and_compute_welch_t(tmp_path):
     table = difference_table(runs, [("kd", label)]).splitlines()
     assert table[2].startswith(f"| {label} vs kd | mIoU | 0: +3.00, 1: +1.00 | +2.00 +- 1.41 | 2.00 / 3.61 |")
     assert table[3].startswith(f"| {label} vs kd | ECE | 0: -3.00, 1: -1.00 | -2.00 +- 1.41 |")
+    assert table[2].endswith("| [-10.71, +14.71] |")  # 2.00 +- 12.706 * 1.41 / sqrt(2)
 
 
 def test_load_run_picks_one_evaluation_by_key(tmp_path):
@@ -117,3 +120,26 @@ def test_pairs_needed_matches_the_exact_paired_t_test(sd, effect):
     df = exact - 1
     crit = stats.t.ppf(0.975, df)
     assert stats.nct.sf(crit, df, mde / sd * math.sqrt(exact)) == pytest.approx(0.8, abs=0.03)
+
+
+def test_t_quantile_and_paired_ci_against_scipy_and_by_hand():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 4, 9, 30):
+        for q in (0.9, 0.975, 0.995):
+            assert t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-6)
+    # two pairs: mean 0.02, sd 0.01 * sqrt(2), t_{0.975, 1} = 12.7062 (tables)
+    low, high = paired_ci([0.03, 0.01])
+    assert (low, high) == pytest.approx((0.02 - 12.7062 * 0.01, 0.02 + 12.7062 * 0.01), abs=1e-5)
+    assert all(math.isnan(v) for v in paired_ci([0.03]))
+    with pytest.raises(ValueError, match="0.5 < q < 1"):
+        t_quantile(0.2, 3)
+
+
+def test_labels_keep_fotf_variants_apart():
+    base = {"enabled": True, "kappa": 10.0, "m": 1.0}
+    assert run_label({"method": {"name": "kd"}, "fotf": {**base, "mode": "exact", "merge_kd": "per_pixel",
+                                                         "merge_ce": "per_class"}}) == "kd + FOTF (kappa 10, m 1)"
+    assert run_label({"method": {"name": "kd"}, "fotf": {**base, "mode": "classifier"}}) == \
+        "kd + FOTF (kappa 10, m 1, mode classifier)"
+    assert run_label({"method": {"name": "kd"}, "fotf": {**base, "merge_kd": "per_class", "merge_ce": "per_pixel"}}) == \
+        "kd + FOTF (kappa 10, m 1, merges kd per_class / ce per_pixel)"
