@@ -24,6 +24,12 @@ Stages (each resumable: a finished run is skipped, an interrupted one resumes fr
    (AUROC of sigma for their errors, NLL, Brier, AURC) and measured by `scripts/fotf_mechanism.py`
    (FOTF weights on boundary vs interior pixels) while their weights exist: only the small JSONs
    are kept.
+7. `report`: `scripts/camvid_v2_report.py` writes `results/camvid_v2/report.md` (and
+   `fotf_weights.png`) from the kept copies of every run finished so far.
+
+A run whose kept copy already holds what its stage needs is not run again; one that lacks something
+(e.g. the sweep's seed-0 run, scored on val only, when the arms also need test) is trained again
+with its seed, since students' weights are not kept.
 
 Every command run is appended to `results/camvid_v2/commands.sh`, each run's output to
 `results/camvid_v2/logs/`, and each run's small artefacts (metrics.json, resolved config, card,
@@ -69,7 +75,7 @@ ARMS = {
 FIRST_SEEDS = range(5)  # every arm: at least 5 seed pairs per comparison
 MORE_PAIRS = range(5, 10)  # then KD vs KD + FOTF up to the pilot's 9 (and one spare)
 MC_SAMPLES = 5
-STAGES = ("pretrain", "init", "teacher", "pilot", "sweep", "arms")
+STAGES = ("pretrain", "init", "teacher", "pilot", "sweep", "arms", "report")
 
 
 def run(cmd, log: Path, dry_run: bool) -> None:
@@ -106,6 +112,17 @@ def eval_key(split: str, mc_samples: int = 0) -> str:
     from fotf_hf.evaluation import evaluation_key
 
     return evaluation_key({"split": split, "eval_size": list(EVAL_SIZE), "mc_samples": mc_samples})
+
+
+def done(folder: Path, splits=tuple(SPLITS), mechanism: bool = False) -> bool:
+    """Whether the run already has all a stage needs: these evaluations (and, with `mechanism`, the
+    MC evaluation on test and mechanism_test.json), in its output folder or its kept copy. Students'
+    weights are not kept, so a run a later stage needs more from is trained again (same seed)."""
+    have = evaluations(folder)
+    keys = [eval_key(s) for s in splits] + ([eval_key("test", MC_SAMPLES)] if mechanism else [])
+    if not all(k in have for k in keys):
+        return False
+    return not mechanism or any((REPO / w / "mechanism_test.json").is_file() for w in (folder, kept(folder)))
 
 
 def train(config: str, folder: Path, overrides, dry_run: bool) -> None:
@@ -300,6 +317,8 @@ def run_arms(root: list, camvid_root: str, dry_run: bool) -> None:
     for arm, seed in arm_queue():
         config, extra = ARMS[arm]
         folder = arm_folder(arm, seed, point)
+        if not dry_run and done(folder, mechanism=arm in ("kd", "kd_fotf")):
+            continue
         overrides = [*root, "--run.seed", str(seed), *(fotf_args if config == "kd_fotf.yaml" else []), *extra]
         train(config, folder, overrides, dry_run)
         score(folder, camvid_root, dry_run)
@@ -331,6 +350,8 @@ def main(argv=None) -> int:
     if "pilot" in stages:
         for seed in PILOT_SEEDS:
             folder = OUT / "kd" / f"seed{seed}"
+            if not args.dry_run and done(folder):
+                continue
             train("kd.yaml", folder, [*root, "--run.seed", str(seed)], args.dry_run)
             score(folder, args.camvid_root, args.dry_run)
         if not args.dry_run:
@@ -339,6 +360,8 @@ def main(argv=None) -> int:
     if "sweep" in stages:
         for kappa, m in SWEEP:
             folder = fotf_folder(kappa, m, 0)
+            if not args.dry_run and done(folder, splits=("validation",)):
+                continue
             try:
                 train("kd_fotf.yaml", folder, [*root, "--run.seed", "0", "--fotf.kappa", str(kappa), "--fotf.m", str(m)],
                       args.dry_run)
@@ -351,6 +374,8 @@ def main(argv=None) -> int:
             print((REPO / RESULTS / "sweep.md").read_text())
     if "arms" in stages:
         run_arms(root, args.camvid_root, args.dry_run)
+    if "report" in stages:  # reads only the kept copies: also runs without any training (--stage report)
+        run([sys.executable, "scripts/camvid_v2_report.py"], RESULTS / "logs" / "report.log", args.dry_run)
     print(f"[study] finished {args.stage} in {(time.time() - start) / 60:.1f} min", flush=True)
     return 0
 
