@@ -3,3 +3,13 @@
 /work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/teacher --dataset camvid --root ../shared/datasets/camvid --split validation --eval_size 180 240 --batch_size 4
 /work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/teacher --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --batch_size 4
 /work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/kd.yaml --run.output_dir outputs/camvid_v2/kd/seed0 --data.root ../shared/datasets/camvid --run.seed 0
+/work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/kd.yaml --run.output_dir outputs/camvid_v2/kd/seed0 --data.root ../shared/datasets/camvid --run.seed 0
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd/seed0 --dataset camvid --root ../shared/datasets/camvid --split validation --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd/seed0 --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/kd.yaml --run.output_dir outputs/camvid_v2/kd/seed1 --data.root ../shared/datasets/camvid --run.seed 1
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd/seed1 --dataset camvid --root ../shared/datasets/camvid --split validation --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd/seed1 --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/kd.yaml --run.output_dir outputs/camvid_v2/kd/seed2 --data.root ../shared/datasets/camvid --run.seed 2
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd/seed2 --dataset camvid --root ../shared/datasets/camvid --split validation --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd/seed2 --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/kd_fotf.yaml --run.output_dir outputs/camvid_v2/kd_fotf_k3_m1/seed0 --data.root ../shared/datasets/camvid --run.seed 0 --fotf.kappa 3 --fotf.m 1
