@@ -22,9 +22,15 @@ import matplotlib
 matplotlib.use("Agg")  # headless; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import camvid_study_v2 as study  # noqa: E402
-from fotf_mechanism import REGIONS  # noqa: E402
+# The runner and the mechanism script sit beside this file. The folder is on sys.path only while they
+# are imported: it holds scripts/evaluate.py, which would shadow the `evaluate` library afterwards.
+_HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, _HERE)
+try:
+    import camvid_study_v2 as study  # noqa: E402
+    from fotf_mechanism import REGIONS  # noqa: E402
+finally:
+    sys.path.remove(_HERE)
 
 from fotf_hf.data.info import CAMVID_CLASSES  # noqa: E402
 from fotf_hf.report import (  # noqa: E402

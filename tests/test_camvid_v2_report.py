@@ -13,9 +13,12 @@ import yaml
 from fotf_hf.report import minimum_detectable_effect, pairs_needed
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import camvid_study_v2 as study  # noqa: E402
-import camvid_v2_report as report  # noqa: E402
+sys.path.insert(0, str(ROOT / "scripts"))  # only while importing: scripts/evaluate.py shadows `evaluate`
+try:
+    import camvid_study_v2 as study  # noqa: E402
+    import camvid_v2_report as report  # noqa: E402
+finally:
+    sys.path.pop(0)
 
 KD_TEST = {0: 0.300, 1: 0.290, 2: 0.296}
 FOTF_TEST = {0: 0.310, 1: 0.292, 2: 0.301}  # differences +1.0, +0.2, +0.5 points

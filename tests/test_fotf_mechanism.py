@@ -13,8 +13,11 @@ from fotf_hf.evaluation import run_evaluation
 from fotf_hf.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import fotf_mechanism  # noqa: E402
+sys.path.insert(0, str(ROOT / "scripts"))  # only while importing: scripts/evaluate.py shadows `evaluate`
+try:
+    import fotf_mechanism  # noqa: E402
+finally:
+    sys.path.pop(0)
 
 
 def _boundary_reference(labels: np.ndarray, radius: int, ignore: int = 255) -> np.ndarray:
