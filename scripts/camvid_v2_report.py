@@ -157,7 +157,7 @@ def weights_figure(point: tuple, path: Path) -> bool:
             ax.plot([r["step"] for r in rows], [r[f"fotf/weight_kd_{stat}"] for r in rows], style,
                     label=f"kappa {kappa:g}, m {m:g}, seed {seed}")
     for ax, stat in zip(axes, ("mean", "p99")):
-        ax.set(xlabel="step", ylabel=f"KD weight {stat} (per logged interval)", yscale="log",
+        ax.set(xlabel="step", ylabel=f"KD weight {stat} (per logged interval)",
                title=f"KD + FOTF: weight {stat} over training")
     axes[1].legend(fontsize=6)
     fig.savefig(path, dpi=110)
