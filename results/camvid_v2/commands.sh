@@ -54,3 +54,7 @@
 /work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd/seed4 --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --batch_size 4 --mc_samples 5
 /work/main/.venv/bin/python scripts/fotf_mechanism.py --model outputs/camvid_v2/kd/seed4 --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --kappa 3 --m 1 --mc_samples 5
 /work/main/.venv/bin/python scripts/distill.py --config scripts/configs/camvid_v2/kd_fotf.yaml --run.output_dir outputs/camvid_v2/kd_fotf_k3_m1/seed4 --data.root ../shared/datasets/camvid --run.seed 4 --fotf.kappa 3 --fotf.m 1
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd_fotf_k3_m1/seed4 --dataset camvid --root ../shared/datasets/camvid --split validation --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd_fotf_k3_m1/seed4 --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --batch_size 4
+/work/main/.venv/bin/python scripts/evaluate.py --model outputs/camvid_v2/kd_fotf_k3_m1/seed4 --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --batch_size 4 --mc_samples 5
+/work/main/.venv/bin/python scripts/fotf_mechanism.py --model outputs/camvid_v2/kd_fotf_k3_m1/seed4 --dataset camvid --root ../shared/datasets/camvid --split test --eval_size 180 240 --kappa 3 --m 1 --mc_samples 5
