@@ -125,6 +125,11 @@ def done(folder: Path, splits=tuple(SPLITS), mechanism: bool = False) -> bool:
     return not mechanism or any((REPO / w / "mechanism_test.json").is_file() for w in (folder, kept(folder)))
 
 
+def log_path(folder: Path) -> Path:
+    """Where the commands of the run in `folder` (under outputs/camvid_v2/) append their output."""
+    return RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log"
+
+
 def train(config: str, folder: Path, overrides, dry_run: bool) -> None:
     """`scripts/distill.py` unless `folder` already holds the final weights (resumes a checkpoint)."""
     for where in (folder, kept(folder)):
@@ -133,7 +138,7 @@ def train(config: str, folder: Path, overrides, dry_run: bool) -> None:
             return
     resume = ["--resume", "latest"] if (REPO / folder / "checkpoints").is_dir() else []
     run([sys.executable, "scripts/distill.py", "--config", str(CONFIGS / config), "--run.output_dir", str(folder),
-         *overrides, *resume], RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log", dry_run)
+         *overrides, *resume], log_path(folder), dry_run)
 
 
 def score(folder: Path, camvid_root: str, dry_run: bool, weights: bool = False, splits=tuple(SPLITS)) -> None:
@@ -146,7 +151,7 @@ def score(folder: Path, camvid_root: str, dry_run: bool, weights: bool = False, 
             continue
         run([sys.executable, "scripts/evaluate.py", "--model", str(folder), "--dataset", "camvid", "--root", camvid_root,
              "--split", split, "--eval_size", *map(str, EVAL_SIZE), "--batch_size", "4"],
-            RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log", dry_run)
+            log_path(folder), dry_run)
     if not dry_run:
         keep(folder, weights)
 
@@ -226,11 +231,12 @@ def fotf_folder(kappa: float, m: float, seed: int) -> Path:
 def weight_stats(folder: Path) -> dict:
     """Mean over the logged intervals of `fotf/sigma_mean`, `fotf/weight_kd_mean` and `fotf/weight_kd_p99`, and the
     largest `fotf/weight_kd_max`, from the run's log_history.jsonl (or its kept copy)."""
+    from fotf_hf.training import LOG_HISTORY_FILE, read_log_history
+
     for where in (folder, kept(folder)):
-        path = REPO / where / "log_history.jsonl"
+        path = REPO / where / LOG_HISTORY_FILE
         if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if "fotf/weight_kd_mean" in r]
+            rows = [r for r in read_log_history(path) if "fotf/weight_kd_mean" in r]
             if rows:
                 return {"sigma": sum(r["fotf/sigma_mean"] for r in rows) / len(rows),
                         "mean": sum(r["fotf/weight_kd_mean"] for r in rows) / len(rows),
@@ -295,7 +301,7 @@ def arm_folder(arm: str, seed: int, point: tuple) -> Path:
 def measure_mechanism(folder: Path, point: tuple, camvid_root: str, dry_run: bool) -> None:
     """T-pass MC evaluation on test (sigma's AUROC for errors, NLL, Brier, AURC) and the FOTF weights
     on boundary vs interior pixels at `point`, each once; needs the run's weights (this session's)."""
-    log = RESULTS / "logs" / f"{folder.relative_to(OUT).as_posix().replace('/', '_')}.log"
+    log = log_path(folder)
     if dry_run or eval_key("test", MC_SAMPLES) not in evaluations(folder):
         run([sys.executable, "scripts/evaluate.py", "--model", str(folder), "--dataset", "camvid", "--root", camvid_root,
              "--split", "test", "--eval_size", *map(str, EVAL_SIZE), "--batch_size", "4",
@@ -374,7 +380,7 @@ def main(argv=None) -> int:
             print((REPO / RESULTS / "sweep.md").read_text())
     if "arms" in stages:
         run_arms(root, args.camvid_root, args.dry_run)
-    if "report" in stages:  # reads only the kept copies: also runs without any training (--stage report)
+    if "report" in stages:  # reads only the kept copies (`python scripts/camvid_v2_report.py` alone trains nothing)
         run([sys.executable, "scripts/camvid_v2_report.py"], RESULTS / "logs" / "report.log", args.dry_run)
     print(f"[study] finished {args.stage} in {(time.time() - start) / 60:.1f} min", flush=True)
     return 0

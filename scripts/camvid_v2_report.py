@@ -33,6 +33,7 @@ finally:
     sys.path.remove(_HERE)
 
 from fotf_hf.data.info import CAMVID_CLASSES  # noqa: E402
+from fotf_hf.training import LOG_HISTORY_FILE, read_log_history  # noqa: E402
 from fotf_hf.report import (  # noqa: E402
     UNCERTAINTY_METRICS,
     difference_table,
@@ -142,10 +143,9 @@ def weights_figure(point: tuple, path: Path) -> bool:
     series = {}
     for kappa, m in study.SWEEP:
         for seed in SEEDS:
-            log = study.REPO / study.kept(study.fotf_folder(kappa, m, seed)) / "log_history.jsonl"
+            log = study.REPO / study.kept(study.fotf_folder(kappa, m, seed)) / LOG_HISTORY_FILE
             if log.is_file():
-                rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-                rows = [r for r in rows if "fotf/weight_kd_mean" in r]
+                rows = [r for r in read_log_history(log) if "fotf/weight_kd_mean" in r]
                 if rows:
                     series[(kappa, m, seed)] = rows
     if not series:
